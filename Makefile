@@ -1,0 +1,32 @@
+# Two commands for a new user: `make demo` and `make test` (both set up the environment first).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+DEMO := demo
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# Re-runs only when the pins or the project metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps monailabel==0.8.5
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m imsct.phantoms --out $(DEMO)/data --cases 1 --seed 42 --quiet
+	cd bundle && ../$(PY) -m monai.bundle run --config_file configs/inference.json \
+		--meta_file configs/metadata.json --logging_file configs/logging.conf \
+		--dataset_dir ../$(DEMO)/data --output_dir ../$(DEMO)/output
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,117 @@
+"""Reading and writing NIfTI volumes with checks that name the file and the problem."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad input: the message names the file and what is wrong with it."""
+
+
+@dataclass
+class Volume:
+    """A 3D image with its voxel-to-world (RAS+, mm) affine."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str = "<memory>"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def voxel_sizes(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+
+MAX_VOXEL_MM = 20.0
+
+
+def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
+    """Load a 3D NIfTI image as float32, refusing anything that cannot be segmented safely."""
+    p = Path(path)
+    where = f"{role} {p}"
+    if not p.exists():
+        raise InputError(f"{where}: file not found")
+    if p.stat().st_size == 0:
+        raise InputError(f"{where}: file is empty")
+    try:
+        img = nib.load(str(p))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(f"{where}: not a NIfTI image ({type(img).__name__})")
+        data = np.asanyarray(img.dataobj)
+    except InputError:
+        raise
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{where}: file is truncated or corrupt ({exc})") from None
+    except Exception as exc:  # nibabel raises many types for non-NIfTI content
+        raise InputError(f"{where}: cannot be read as NIfTI ({exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{where}: expected a 3D image, got {data.ndim}D with shape {data.shape}")
+    if min(data.shape) < 1:
+        raise InputError(f"{where}: image has a zero-size axis {data.shape}")
+    if not np.issubdtype(data.dtype, np.number):
+        raise InputError(f"{where}: unsupported voxel type {data.dtype}")
+    data = np.asarray(data, dtype=np.float32)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InputError(f"{where}: {int(bad.sum())} voxels are NaN or infinite")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{where}: the header's affine is singular or not finite")
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if (sizes > MAX_VOXEL_MM).any() or (sizes < 0.01).any():
+        raise InputError(f"{where}: absurd voxel size {np.round(sizes, 4).tolist()} mm")
+    return Volume(data=data, affine=affine, path=str(p))
+
+
+def save_volumes(items: list[tuple[np.ndarray, np.ndarray, str | os.PathLike, type]]) -> list[Path]:
+    """Write several NIfTI files all-or-nothing: every file goes to a temporary name in its
+    destination folder first and is renamed into place only when all were written."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for data, affine, path, dtype in items:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=p.parent)
+            os.close(fd)
+            staged.append((tmp, p))
+            nib.save(img, tmp)
+        for tmp, p in staged:
+            os.replace(tmp, p)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return [p for _, p in staged]
+
+
+def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=np.uint8) -> Path:
+    """Write one NIfTI file atomically (temporary file in the same folder, then rename)."""
+    return save_volumes([(data, affine, path, dtype)])[0]
+
+
+def strip_nifti_ext(name: str) -> str:
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name

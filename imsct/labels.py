@@ -1,0 +1,25 @@
+"""Label names, indices, colours and file suffixes shared by every front door."""
+
+from __future__ import annotations
+
+# Index of each class in the single label map (``_seg-imsct``); 0 is background.
+LABELS: dict[str, int] = {"tumor": 1, "edema": 2, "cavity": 3}
+
+# Output channels of the stage-2 network, in order (sigmoid each).
+STAGE2_CHANNELS: tuple[str, ...] = ("tumor", "edema", "cavity", "whole-tumor")
+
+# RGB colours used in viewers and QC overlays.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "tumor": (230, 25, 75),
+    "edema": (255, 225, 25),
+    "cavity": (0, 130, 200),
+}
+
+# File suffixes, identical to the Spinal Cord Toolbox's ``sct_deepseg tumor_edema_cavity_t1_t2``.
+SEG_SUFFIXES: dict[str, str] = {name: f"_seg-{name}" for name in STAGE2_CHANNELS}
+LABELMAP_SUFFIX = "_seg-imsct"
+CORD_BOX_SUFFIX = "_sc-mask"  # stage-1 target: 30 mm cylinder around the cord centreline
+CORD_SUFFIX = "_seg-cord"  # tight cord mask
+
+# Default minimum component volumes kept by post-processing, in cm3 (Lemay et al. 2021).
+MIN_VOLUME_CM3: dict[str, float] = {"tumor": 0.2, "edema": 0.5, "cavity": 0.5}

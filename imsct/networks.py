@@ -1,0 +1,146 @@
+"""The modified 3D U-Net of Isensee et al. 2017, as used by Lemay et al. 2021 for both stages.
+
+Choice: a module written here from torch layers rather than MONAI's DynUNet, so that it follows
+the paper's network (as ivadomed implements it) block for block:
+
+* 5 levels, 4 stride-2 convolutions down, base filters ``F`` doubling per level (8 for the cord
+  localiser, 16 for the tumour network);
+* residual *context modules* at every level: norm, leaky ReLU, conv 3x3x3, dropout (p=0.3), norm,
+  leaky ReLU, conv 3x3x3, added to the module's input;
+* instance normalisation without affine parameters, leaky ReLU with slope 0.01;
+* *upsampling modules* (nearest x2 then conv 3x3x3) and *localisation modules* (conv 3x3x3 then
+  conv 1x1x1) on the way up, with skip connections by concatenation;
+* deep supervision: 1x1x1 segmentation heads at the two coarser decoder levels, upsampled and
+  summed into the full-resolution head.
+
+The network returns logits; a sigmoid per channel gives the probabilities (the classes overlap:
+whole tumour contains the other three). Spatial sizes must be multiples of 16.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _norm_act(channels: int) -> list[nn.Module]:
+    return [nn.InstanceNorm3d(channels, affine=False), nn.LeakyReLU(0.01, inplace=False)]
+
+
+class _ContextModule(nn.Module):
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.body = nn.Sequential(
+            *_norm_act(channels),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False),
+            nn.Dropout3d(dropout),
+            *_norm_act(channels),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class _Upsampling(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False),
+            *_norm_act(out_ch),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _Localisation(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(in_ch, in_ch, 3, padding=1, bias=False),
+            *_norm_act(in_ch),
+            nn.Conv3d(in_ch, out_ch, 1, bias=False),
+            *_norm_act(out_ch),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class ModifiedUNet3D(nn.Module):
+    """Modified 3D U-Net (Isensee et al. 2017) with deep supervision; see the module docstring."""
+
+    levels = 5
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base_filters: int = 8, dropout: float = 0.3):
+        super().__init__()
+        f = [base_filters * 2**i for i in range(self.levels)]
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.stem = nn.Conv3d(in_channels, f[0], 3, padding=1, bias=False)
+        self.down = nn.ModuleList(
+            [nn.Identity()] + [nn.Conv3d(f[i - 1], f[i], 3, stride=2, padding=1, bias=False) for i in range(1, 5)]
+        )
+        self.context = nn.ModuleList([_ContextModule(c, dropout) for c in f])
+        self.bottom_norm = nn.Sequential(*_norm_act(f[4]))
+        # decoder: level i receives from level i+1
+        self.up = nn.ModuleList([_Upsampling(f[i + 1], f[i]) for i in range(4)])
+        self.local = nn.ModuleList([_Localisation(2 * f[i], f[i]) for i in range(1, 4)])
+        self.final = nn.Sequential(nn.Conv3d(2 * f[0], 2 * f[0], 3, padding=1, bias=False), *_norm_act(2 * f[0]))
+        # deep supervision heads at decoder levels 2 and 1 (0-based: 2 is 4x coarser, 1 is 2x)
+        self.head2 = nn.Conv3d(f[2], out_channels, 1)
+        self.head1 = nn.Conv3d(f[1], out_channels, 1)
+        self.head0 = nn.Conv3d(2 * f[0], out_channels, 1)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        h = self.stem(x)
+        for i in range(self.levels):
+            if i > 0:
+                h = self.down[i](h)
+            h = self.context[i](h)
+            skips.append(h)
+        h = self.bottom_norm(h)
+        ds = None
+        for i in range(3, -1, -1):  # decoder levels 3, 2, 1, 0
+            h = self.up[i](h)
+            h = torch.cat([skips[i], h], dim=1)
+            if i > 0:
+                h = self.local[i - 1](h)
+                if i == 2:
+                    ds = self.head2(h)
+                elif i == 1:
+                    ds = self.upsample(ds) + self.head1(h)
+            else:
+                h = self.final(h)
+        return self.head0(h) + self.upsample(ds)
+
+
+class PatchNormalised(nn.Module):
+    """Wraps a network so that every input patch is z-scored per channel before the forward pass.
+
+    Lemay et al. normalise stage-2 inputs per patch; putting it in the module makes training
+    patches, sliding-window inference and exported models all normalise the same way.
+    """
+
+    def __init__(self, net: nn.Module, eps: float = 1e-5):
+        super().__init__()
+        self.net = net
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(2, 3, 4), keepdim=True)
+        std = x.std(dim=(2, 3, 4), keepdim=True)
+        return self.net((x - mean) / (std + self.eps))
+
+
+def localiser(**kw) -> ModifiedUNet3D:
+    """Stage 1: T2w in, cord region out; 8 base filters."""
+    return ModifiedUNet3D(in_channels=1, out_channels=1, base_filters=8, **kw)
+
+
+def tumour_network(**kw) -> PatchNormalised:
+    """Stage 2: [T2w, T1w] in, [tumour, edema, cavity, whole tumour] out; 16 base filters."""
+    return PatchNormalised(ModifiedUNet3D(in_channels=2, out_channels=4, base_filters=16, **kw))

@@ -1,0 +1,102 @@
+"""Batch inference over a BIDS folder: what ``bundle/configs/inference.json`` runs.
+
+Each case is validated and segmented fully in memory; its five output files are written together
+(temporary names, then renamed), so a failing case leaves nothing behind and never touches files
+of earlier runs. Failures are reported one line per case, and the run exits non-zero at the end,
+after the other cases were written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bids import Case, find_cases
+from .cascade import Cascade
+from .io import InputError, load_volume, save_volumes
+from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES
+from .networks import localiser, tumour_network
+from .postprocess import split_masks
+from .training import load_weights
+
+log = logging.getLogger("imsct")
+
+
+def build_cascade(models_dir: str | Path, device: str = "cpu", **kw) -> Cascade:
+    """A cascade with the weights of ``models_dir`` (``localiser.pt`` and ``model.pt``)."""
+    models_dir = Path(models_dir)
+    loc = load_weights(localiser(), models_dir / "localiser.pt")
+    seg = load_weights(tumour_network(), models_dir / "model.pt")
+    return Cascade(loc, seg, device=device, **kw)
+
+
+def output_paths(case_name: str, output_dir: str | Path) -> dict[str, Path]:
+    out = Path(output_dir)
+    paths = {name: out / f"{case_name}{suffix}.nii.gz" for name, suffix in SEG_SUFFIXES.items()}
+    paths["labelmap"] = out / f"{case_name}{LABELMAP_SUFFIX}.nii.gz"
+    return paths
+
+
+def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path, output_dir: str | Path, name: str | None = None) -> dict:
+    """Segment one T2w + T1w pair and write the SCT-named masks and the label map on the T2w grid."""
+    t2_path, t1_path = Path(t2_path), Path(t1_path)
+    if not t1_path.exists():
+        raise InputError(f"T1w {t1_path}: file not found (expected beside T2w {t2_path})")
+    t2 = load_volume(t2_path, "T2w")
+    t1 = load_volume(t1_path, "T1w")
+    t0 = time.perf_counter()
+    res = cascade(t2, t1)
+    masks = split_masks(res.labelmap)
+    from .io import strip_nifti_ext
+
+    paths = output_paths(name or strip_nifti_ext(t2_path.name), output_dir)
+    items = [(masks[k].astype(np.uint8), t2.affine, paths[k], np.uint8) for k in SEG_SUFFIXES]
+    items.append((res.labelmap, t2.affine, paths["labelmap"], np.uint8))
+    save_volumes(items)
+    vox = t2.voxel_volume_mm3
+    volumes = {k: float(m.sum()) * vox / 1000.0 for k, m in masks.items()}
+    return {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
+            "seconds": round(time.perf_counter() - t0, 2), "cord_found": res.cord_found, "timings": res.timings}
+
+
+@dataclass
+class BatchRunner:
+    """Segment every case of a BIDS folder with a :class:`Cascade` (declared in inference.json)."""
+
+    cascade: Cascade
+    dataset_dir: str
+    output_dir: str
+    exit_on_error: bool = True
+    results: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+
+    def run(self) -> dict:
+        cases = find_cases(self.dataset_dir)
+        if not cases:
+            raise InputError(f"dataset folder {self.dataset_dir}: no sub-*/anat/*_T2w.nii.gz found")
+        for i, case in enumerate(cases, 1):
+            try:
+                info = segment_case(self.cascade, case.t2, case.t1, self.output_dir, case.name)
+            except InputError as exc:
+                self.errors[case.name] = str(exc)
+                log.error("[%d/%d] %s: FAILED: %s", i, len(cases), case.name, exc)
+                continue
+            self.results[case.name] = info
+            vols = ", ".join(f"{k} {v:.2f} cm3" for k, v in info["volumes_cm3"].items())
+            log.info("[%d/%d] %s: %s (%.1f s)", i, len(cases), case.name, vols, info["seconds"])
+            for p in info["outputs"].values():
+                log.info("    %s", p)
+        if self.errors and self.exit_on_error:
+            lines = "\n".join(f"  {k}: {v}" for k, v in self.errors.items())
+            print(f"imsct: {len(self.errors)} of {len(cases)} case(s) failed:\n{lines}", file=sys.stderr, flush=True)
+            raise SystemExit(1)
+        return self.results
+
+
+__all__ = ["build_cascade", "segment_case", "BatchRunner", "output_paths", "LABELS"]

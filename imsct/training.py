@@ -1,0 +1,229 @@
+"""Training both stages on BIDS data, with the same preprocessing the cascade uses at test time.
+
+Cases are brought to the working grid once and cached as compressed ``.npz`` files (one per case,
+read from disk at each step: no dataset is held whole in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceLoss
+
+from .bids import Case, find_cases
+from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
+from .geometry import WORKING_SPACING, resample, to_working, working_grid
+from .io import load_volume
+from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
+from .networks import localiser, tumour_network
+
+log = logging.getLogger(__name__)
+
+
+def prepare_case(case: Case, cache_dir: str | Path) -> Path:
+    """Working-grid arrays of one labelled case: t2, t1 (on the T2w's working grid), the label map
+    (0..3) and the stage-1 target. Cached as ``<cache>/<name>.npz``."""
+    out = Path(cache_dir) / f"{case.name}.npz"
+    if out.exists():
+        return out
+    t2 = load_volume(case.t2, "T2w")
+    t1 = load_volume(case.t1, "T1w")
+    w_shape, w_aff = working_grid(t2.affine, t2.shape, WORKING_SPACING)
+    lab = np.zeros(t2.shape, np.uint8)
+    for name, value in LABELS.items():
+        lab[load_volume(case.labels[SEG_SUFFIXES[name]], name).data > 0.5] = value
+    sc = load_volume(case.labels[CORD_BOX_SUFFIX], "cord mask").data > 0.5
+    arrays = {
+        "t2": resample(t2.data, t2.affine, w_shape, w_aff).numpy().astype(np.float32),
+        "t1": resample(t1.data, t1.affine, w_shape, w_aff).numpy().astype(np.float32),
+        "label": to_working(lab, t2.affine, w_shape, w_aff, label=True),
+        "cord": to_working(sc.astype(np.uint8), t2.affine, w_shape, w_aff, label=True),
+        "affine": w_aff,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)  # uncompressed: read at every step
+    tmp.replace(out)
+    return out
+
+
+def stage2_target(label: np.ndarray) -> np.ndarray:
+    """Four binary channels [tumour, edema, cavity, whole tumour] from a 0..3 label map."""
+    return np.stack([label == 1, label == 2, label == 3, label > 0]).astype(np.float32)
+
+
+def _random_crop(arrays: list[np.ndarray], size, rng: np.random.Generator, centre=None) -> list[np.ndarray]:
+    """Same crop (zero-padded where the image is smaller) of several ``(C, ...)`` arrays."""
+    spatial = np.asarray(arrays[0].shape[-3:])
+    size = np.asarray(size)
+    if centre is None:
+        lo = np.array([rng.integers(min(0, s - p), max(0, s - p) + 1) for s, p in zip(spatial, size)])
+    else:
+        lo = np.asarray(centre) - size // 2 + rng.integers(-size // 4, size // 4 + 1)
+        lo = np.clip(lo, np.minimum(0, spatial - size), np.maximum(0, spatial - size))
+    out = []
+    for a in arrays:
+        o = np.zeros(a.shape[:-3] + tuple(size), a.dtype)
+        s_lo, s_hi = np.maximum(lo, 0), np.minimum(lo + size, spatial)
+        d_lo = s_lo - lo
+        o[(..., *[slice(x, y) for x, y in zip(d_lo, d_lo + s_hi - s_lo)])] = a[(..., *[slice(x, y) for x, y in zip(s_lo, s_hi)])]
+        out.append(o)
+    return out
+
+
+def stage1_sample(npz: Path, rng: np.random.Generator, crop=(256, 128, 32)) -> tuple[np.ndarray, np.ndarray]:
+    d = np.load(npz)
+    x, offset = stage1_input(d["t2"])
+    y, _ = stage1_input_like(d["cord"], offset)
+    if crop is None or tuple(crop) == STAGE1_FIELD:
+        return x, y
+    idx = np.argwhere(y[0] > 0)
+    centre = idx[rng.integers(len(idx))] if len(idx) and rng.random() < 0.8 else None
+    x, y = _random_crop([x, y], crop, rng, centre)
+    return x, y
+
+
+def stage1_input_like(mask: np.ndarray, offset: np.ndarray, field_size=STAGE1_FIELD) -> tuple[np.ndarray, np.ndarray]:
+    """A mask cropped / padded exactly as :func:`stage1_input` crops its image."""
+    from .geometry import crop_or_pad
+
+    out, off = crop_or_pad(mask[None].astype(np.float32), field_size, 0.0)
+    assert np.array_equal(off, offset)
+    return out, off
+
+
+def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion: float = 0.67) -> tuple[np.ndarray, np.ndarray]:
+    """A patch of [T2w, T1w] inside the (true) cord box, centred on a lesion voxel with
+    probability ``p_lesion`` so that small classes are seen."""
+    d = np.load(npz)
+    box = cord_box(d["cord"] > 0, d["t2"].shape)
+    lo, hi = box if box is not None else (np.zeros(3, int), np.asarray(d["t2"].shape))
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    img = np.stack([d["t2"][sl], d["t1"][sl]])
+    tgt = stage2_target(d["label"][sl])
+    centre = None
+    if rng.random() < p_lesion and tgt[3].any():
+        cls = rng.choice([c for c in range(3) if tgt[c].any()])
+        idx = np.argwhere(tgt[cls] > 0)
+        centre = idx[rng.integers(len(idx))]
+    x, y = _random_crop([img, tgt], patch, rng, centre)
+    return x, y
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random affine of the paper (rotation +-5 deg, scaling +-10 %, translation +-3 %), applied to a
+    batch with the same warp for image (linear) and target (nearest)."""
+    if prob <= 0 or rng.random() >= prob:
+        return x, y
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    thetas = []
+    for _ in range(n):
+        a = np.deg2rad(rng.uniform(-5, 5, 3))
+        rx = np.array([[1, 0, 0], [0, np.cos(a[0]), -np.sin(a[0])], [0, np.sin(a[0]), np.cos(a[0])]])
+        ry = np.array([[np.cos(a[1]), 0, np.sin(a[1])], [0, 1, 0], [-np.sin(a[1]), 0, np.cos(a[1])]])
+        rz = np.array([[np.cos(a[2]), -np.sin(a[2]), 0], [np.sin(a[2]), np.cos(a[2]), 0], [0, 0, 1]])
+        m = rx @ ry @ rz @ np.diag(rng.uniform(0.9, 1.1, 3))
+        thetas.append(np.concatenate([m, rng.uniform(-0.06, 0.06, (3, 1))], axis=1))
+    theta = torch.as_tensor(np.stack(thetas), dtype=torch.float32)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return (F.grid_sample(x, grid, mode="bilinear", align_corners=False),
+            F.grid_sample(y, grid, mode="nearest", align_corners=False))
+
+
+def dice_per_channel(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Dice of binary masks per channel (``(C, ...)``); 1 where both are empty."""
+    from .metrics import dice
+
+    return np.array([dice(p, t) for p, t in zip(pred, truth)])
+
+
+def train_stage(
+    stage: int,
+    dataset_dir: str | Path,
+    out: str | Path,
+    cache_dir: str | Path,
+    steps: int = 200,
+    batch_size: int = 2,
+    lr: float = 1e-3,
+    patch=None,
+    seed: int = 0,
+    augment_prob: float = 0.3,
+    amp: bool = True,
+    log_every: int = 10,
+    init: str | Path | None = None,
+    time_limit_s: float | None = None,
+) -> dict:
+    """Train stage 1 (localiser) or stage 2 (tumour network); returns a training record.
+
+    Adam, lr with cosine annealing over ``steps``, Dice loss (mean of per-channel Dice for stage 2),
+    bfloat16 autocast on CPU when ``amp``. Saves the state dict (float16) to ``out``.
+    """
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    cases = [c for c in find_cases(dataset_dir) if c.labels]
+    files = [prepare_case(c, cache_dir) for c in cases]
+    net = localiser() if stage == 1 else tumour_network()
+    if init:
+        net.load_state_dict({k: v.float() for k, v in torch.load(init, map_location="cpu", weights_only=True).items()})
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    loss_fn = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    patch = patch or ((256, 128, 32) if stage == 1 else ROI_SIZE)
+    history = []
+    t_start = time.time()
+    running = 0.0
+    for step in range(1, steps + 1):
+        xs, ys = [], []
+        for _ in range(batch_size):
+            f = files[rng.integers(len(files))]
+            x, y = stage1_sample(f, rng, patch) if stage == 1 else stage2_sample(f, rng, patch)
+            xs.append(x)
+            ys.append(y)
+        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        x, y = _augment(x, y, rng, augment_prob)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = net(x)
+        loss = loss_fn(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        if step % log_every == 0 or step == steps:
+            rec = {"step": step, "loss": running / (log_every if step % log_every == 0 else step % log_every),
+                   "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t_start, 1)}
+            history.append(rec)
+            print(f"stage {stage} step {step}/{steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['elapsed_s']}s", flush=True)
+            running = 0.0
+            save_weights(net, out)
+        if time_limit_s and time.time() - t_start > time_limit_s:
+            print(f"stage {stage}: time limit reached at step {step}", flush=True)
+            break
+    save_weights(net, out)
+    return {"stage": stage, "steps_done": step, "batch_size": batch_size, "patch": list(patch), "lr": lr,
+            "cases": len(files), "seed": seed, "history": history, "train_time_s": round(time.time() - t_start, 1)}
+
+
+def save_weights(net: torch.nn.Module, path: str | Path) -> None:
+    """Save a state dict in float16 (half the size; loaded back as float32), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}, tmp)
+    tmp.replace(path)
+
+
+def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load a state dict saved by :func:`save_weights` on any device (CPU-safe)."""
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    return net
