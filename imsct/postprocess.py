@@ -48,11 +48,13 @@ def postprocess_labelmap(
     class's minimum volume (cm3, converted with the voxel volume in mm3)."""
     out = labelmap.copy()
     if fill_holes:
-        whole = ndimage.binary_fill_holes(out > 0)
-        holes = whole & (out == 0)
-        if holes.any():  # a hole takes the class of its nearest labelled voxel
-            idx = ndimage.distance_transform_edt(out == 0, return_distances=False, return_indices=True)
-            out[holes] = out[tuple(i[holes] for i in idx)]
+        box = ndimage.find_objects((out > 0).astype(np.uint8))
+        if box:  # work inside the lesions' bounding box only
+            sub = out[box[0]]
+            holes = ndimage.binary_fill_holes(sub > 0) & (sub == 0)
+            if holes.any():  # a hole takes the class of its nearest labelled voxel
+                idx = ndimage.distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
+                sub[holes] = sub[tuple(i[holes] for i in idx)]
     for name, value in LABELS.items():
         mask = out == value
         kept = remove_small(mask, min_volume_cm3.get(name, 0.0) * 1000.0 / voxel_mm3)
