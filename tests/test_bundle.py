@@ -151,3 +151,10 @@ def test_checkpoints_load_on_cpu():
     for factory, name in ((localiser, "localiser.pt"), (tumour_network, "model.pt")):
         net = load_weights(factory(), BUNDLE / "models" / name)
         assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in net.parameters())
+
+
+@pytest.mark.skipif(not os.environ.get("IMSCT_META_SCHEMA"), reason="set IMSCT_META_SCHEMA to a local copy of MONAI's metadata schema (it is downloaded from GitHub otherwise)")
+def test_verify_metadata_against_schema():
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=os.environ["IMSCT_META_SCHEMA"])
