@@ -65,6 +65,7 @@ class CascadeResult:
     affine: np.ndarray
     box_working: tuple[np.ndarray, np.ndarray] | None  # stage-1 box on the working grid
     cord_found: bool
+    cord_working: np.ndarray  # stage-1 mask (largest component) on the working grid
     working_shape: tuple[int, int, int]
     working_affine: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
@@ -177,6 +178,7 @@ class Cascade:
             affine=t2.affine,
             box_working=box,
             cord_found=bool(cord.any()),
+            cord_working=cord,
             working_shape=w_shape,
             working_affine=w_aff,
             timings=tm,
