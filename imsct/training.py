@@ -227,3 +227,100 @@ def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
     return net
+
+
+# ---- pieces the bundle's train.json wires into MONAI's ignite workflows ----------------------
+
+
+def split_cases(dataset_dir: str | Path | None = None, datalist: str | Path | None = None, cache_dir: str | Path = "cache",
+                val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """Cached training and validation files from a BIDS folder (random split, persistent for a
+    seed) or from a datalist JSON ``{"training": [case, ...], "validation": [case, ...]}`` where a case
+    is ``{"t2": path, "t1": path, "labels": {"_seg-tumor": path, ..., "_sc-mask": path}}``."""
+    if datalist:
+        doc = json.loads(Path(datalist).read_text())
+        base = Path(datalist).parent
+
+        def cases(key):
+            out = []
+            for c in doc.get(key, []):
+                t2 = (base / c["t2"]).resolve()
+                out.append(Case(name=t2.name.split(".nii")[0], t2=t2, t1=(base / c["t1"]).resolve(),
+                                labels={k: (base / v).resolve() for k, v in c["labels"].items()}))
+            return out
+
+        train, val = cases("training"), cases("validation")
+    else:
+        all_cases = [c for c in find_cases(dataset_dir) if c.labels]
+        order = np.random.default_rng(seed).permutation(len(all_cases))
+        n_val = max(1, int(round(val_fraction * len(all_cases)))) if len(all_cases) > 1 else 0
+        val = [all_cases[i] for i in order[:n_val]]
+        train = [all_cases[i] for i in order[n_val:]]
+    if not train:
+        raise ValueError(f"no labelled training case found in {datalist or dataset_dir}")
+    return [prepare_case(c, cache_dir) for c in train], [prepare_case(c, cache_dir) for c in val]
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """``samples`` random training patches per epoch, read from the cached cases at each access
+    (nothing held in memory). Stage 1: crops of the localiser's field around the cord; stage 2:
+    lesion-centred patches inside the cord box. Random affine augmentation per sample."""
+
+    def __init__(self, files, stage: int, patch, samples: int = 100, augment_prob: float = 0.5, p_lesion: float = 0.67):
+        self.files, self.stage, self.patch = list(files), int(stage), tuple(int(p) for p in patch)
+        self.samples, self.augment_prob, self.p_lesion = int(samples), float(augment_prob), float(p_lesion)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
+        f = self.files[int(rng.integers(len(self.files)))]
+        if self.stage == 1:
+            x, y = stage1_sample(f, rng, self.patch)
+        else:
+            x, y = stage2_sample(f, rng, self.patch, self.p_lesion)
+        xt, yt = _augment(torch.from_numpy(x)[None], torch.from_numpy(y)[None], rng, self.augment_prob)
+        return {"image": xt[0], "label": yt[0]}
+
+
+class ValidationDataset(torch.utils.data.Dataset):
+    """Whole validation inputs as the cascade sees them: the localiser's field (stage 1) or the
+    [T2w, T1w] crop of the cord box (stage 2), with their targets."""
+
+    def __init__(self, files, stage: int):
+        self.files, self.stage = list(files), int(stage)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        f = self.files[index]
+        if self.stage == 1:
+            x, y = stage1_sample(f, np.random.default_rng(0), None)
+        else:
+            d = np.load(f)
+            box = cord_box(d["cord"] > 0, d["t2"].shape)
+            lo, hi = box if box is not None else (np.zeros(3, int), np.asarray(d["t2"].shape))
+            sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+            x, y = np.stack([d["t2"][sl], d["t1"][sl]]), stage2_target(d["label"][sl])
+        return {"image": torch.from_numpy(np.ascontiguousarray(x)), "label": torch.from_numpy(np.ascontiguousarray(y))}
+
+
+class AutocastInferer:
+    """Runs the network under autocast on any device (MONAI's engines only autocast on CUDA):
+    bfloat16 on CPU roughly halves the time of a training step. Returns float32."""
+
+    def __init__(self, enabled: bool = True, dtype: str = "bfloat16", inferer=None):
+        self.enabled, self.dtype, self.inferer = bool(enabled), getattr(torch, dtype), inferer
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(inputs.device.type, dtype=self.dtype, enabled=self.enabled):
+            out = self.inferer(inputs, network, *args, **kwargs) if self.inferer is not None else network(inputs, *args, **kwargs)
+        return out.float()
+
+
+def latest_checkpoint(directory: str | Path, pattern: str = "checkpoint*.pt") -> str | None:
+    """Newest resume checkpoint in ``directory`` (None if there is none)."""
+    files = sorted(Path(directory).glob(pattern), key=lambda p: p.stat().st_mtime)
+    return str(files[-1]) if files else None
