@@ -95,26 +95,18 @@ class ModifiedUNet3D(nn.Module):
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        h = self.stem(x)
-        for i in range(self.levels):
-            if i > 0:
-                h = self.down[i](h)
-            h = self.context[i](h)
-            skips.append(h)
-        h = self.bottom_norm(h)
-        ds = None
-        for i in range(3, -1, -1):  # decoder levels 3, 2, 1, 0
-            h = self.up[i](h)
-            h = torch.cat([skips[i], h], dim=1)
-            if i > 0:
-                h = self.local[i - 1](h)
-                if i == 2:
-                    ds = self.head2(h)
-                elif i == 1:
-                    ds = self.upsample(ds) + self.head1(h)
-            else:
-                h = self.final(h)
+        # unrolled over the fixed 5 levels so that torch.jit.script and ONNX export see plain code
+        s0 = self.context[0](self.stem(x))
+        s1 = self.context[1](self.down[1](s0))
+        s2 = self.context[2](self.down[2](s1))
+        s3 = self.context[3](self.down[3](s2))
+        h = self.bottom_norm(self.context[4](self.down[4](s3)))
+        h = self.local[2](torch.cat([s3, self.up[3](h)], dim=1))  # level 3
+        h = self.local[1](torch.cat([s2, self.up[2](h)], dim=1))  # level 2
+        ds = self.head2(h)
+        h = self.local[0](torch.cat([s1, self.up[1](h)], dim=1))  # level 1
+        ds = self.upsample(ds) + self.head1(h)
+        h = self.final(torch.cat([s0, self.up[0](h)], dim=1))  # level 0
         return self.head0(h) + self.upsample(ds)
 
 
