@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,9 +49,10 @@ def prepare_case(case: Case, cache_dir: str | Path) -> Path:
         "affine": w_aff,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=out.parent)  # unique: ranks may race
+    os.close(fd)
     np.savez(tmp, **arrays)  # uncompressed: read at every step
-    tmp.replace(out)
+    os.replace(tmp, out)
     return out
 
 

@@ -1,10 +1,13 @@
-"""Reproduce the shipped weights in bundle/models/ from seeds: phantoms, both stages, evaluation.
+"""Reproduce the shipped weights in bundle/models/ from seeds: phantoms, both stages through the
+bundle's train.json, held-out evaluation, provenance record.
 
     python scripts/train_shipped.py --work work/shipped --cases 80 --seed 1000 \
-        --steps1 300 --steps2 600 --eval-cases 20 --eval-seed 9000
+        --epochs1 30 --epochs2 65 --eval-cases 20 --eval-seed 9000
 
-Stage 1 and stage 2 train one after the other or in parallel (``--parallel``, one thread each).
-The record (command, seeds, cases, steps, losses, held-out metrics) goes to
+Both stages train at once in two ``python -m monai.bundle run`` processes (``--threads1`` and
+``--threads2`` CPU threads each; on a GPU machine set ``--device cuda``). Each stage's best
+checkpoint (validation Dice) is stored as float16 in bundle/models/, and the full record (commands,
+seeds, data, epochs, per-epoch losses and validation Dice, held-out metrics, machine) goes to
 bundle/models/provenance.json.
 """
 
@@ -12,85 +15,129 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
+import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundle"
 sys.path.insert(0, str(ROOT))
 
-from imsct.phantoms import generate_dataset  # noqa: E402
-from imsct.training import train_stage  # noqa: E402
+
+def bundle_train_cmd(stage: int, data: Path, out: Path, cache: Path, overrides: dict) -> list[str]:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
+           "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+           "--dataset_dir", str(data.resolve()), "--output_dir", str(out.resolve()), "--cache_dir", str(cache.resolve()),
+           "--stage", str(stage)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
 
 
-def _train(kw, threads, q):
-    torch.set_num_threads(threads)
-    q.put(train_stage(**kw))
+def parse_log(text: str) -> dict:
+    """Per-epoch training loss (mean of the iterations) and validation Dice from a bundle log."""
+    epochs: dict[int, list[float]] = {}
+    for ep, loss in re.findall(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- train_loss: ([0-9.eE+-]+)", text):
+        epochs.setdefault(int(ep), []).append(float(loss))
+    val = [(int(e), float(d)) for e, d in re.findall(r"Epoch\[(\d+)\] Metrics -- val_mean_dice: ([0-9.]+)", text)]
+    return {"train_loss_per_epoch": {e: round(sum(v) / len(v), 4) for e, v in sorted(epochs.items())},
+            "val_mean_dice": val, "best_val_mean_dice": max((d for _, d in val), default=None),
+            "epochs_done": max(epochs, default=0)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="work/shipped")
-    ap.add_argument("--models", default=str(ROOT / "bundle" / "models"))
+    ap.add_argument("--models", default=str(BUNDLE / "models"))
     ap.add_argument("--cases", type=int, default=80)
     ap.add_argument("--seed", type=int, default=1000)
-    ap.add_argument("--steps1", type=int, default=300)
-    ap.add_argument("--steps2", type=int, default=600)
+    ap.add_argument("--epochs1", type=int, default=30)
+    ap.add_argument("--epochs2", type=int, default=65)
+    ap.add_argument("--samples1", type=int, default=20, help="patches per epoch, stage 1")
+    ap.add_argument("--samples2", type=int, default=40, help="patches per epoch, stage 2")
     ap.add_argument("--batch1", type=int, default=2)
     ap.add_argument("--batch2", type=int, default=4)
-    ap.add_argument("--patch2", type=int, nargs=3, default=[96, 96, 32])
-    ap.add_argument("--time-limit1", type=float, default=None, help="seconds")
-    ap.add_argument("--time-limit2", type=float, default=None, help="seconds")
-    ap.add_argument("--parallel", action="store_true", help="train both stages at once, one thread each")
+    ap.add_argument("--patch1", default="[256, 128, 32]")
+    ap.add_argument("--patch2", default="[96, 96, 32]")
+    ap.add_argument("--val-interval", type=int, default=5)
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--threads1", type=int, default=1)
+    ap.add_argument("--threads2", type=int, default=2)
+    ap.add_argument("--device", default=None, help="e.g. cuda:0 (default: what the bundle picks)")
     ap.add_argument("--eval-cases", type=int, default=20)
     ap.add_argument("--eval-seed", type=int, default=9000)
     args = ap.parse_args(argv)
+
+    from imsct.networks import localiser, tumour_network
+    from imsct.phantoms import generate_dataset
+    from imsct.training import load_weights, save_weights
+
     work = Path(args.work)
-    data = work / "train"
+    data, cache = work / "train", work / "cache"
     t0 = time.time()
     if not (data / "participants.tsv").exists():
         generate_dataset(data, args.cases, args.seed, progress=True)
-    gen_s = time.time() - t0
-    models = Path(args.models)
-    common = dict(dataset_dir=data, cache_dir=work / "cache", seed=args.seed)
-    kw1 = dict(stage=1, out=models / "localiser.pt", steps=args.steps1, batch_size=args.batch1, time_limit_s=args.time_limit1, **common)
-    kw2 = dict(stage=2, out=models / "model.pt", steps=args.steps2, batch_size=args.batch2, patch=tuple(args.patch2), time_limit_s=args.time_limit2, **common)
-    from imsct.bids import find_cases
-    from imsct.training import prepare_case
+    gen_s = round(time.time() - t0, 1)
 
-    for c in find_cases(data):  # cache once, before any worker starts
-        prepare_case(c, work / "cache")
-    if args.parallel:
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        procs = [ctx.Process(target=_train, args=(kw, 1, q)) for kw in (kw1, kw2)]
-        for p in procs:
-            p.start()
-        recs = [q.get(), q.get()]
-        for p in procs:
-            p.join()
-        recs.sort(key=lambda r: r["stage"])
-    else:
-        recs = [train_stage(**kw1), train_stage(**kw2)]
-    record = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-        "training_data": {"generator": "python -m imsct.phantoms", "cases": args.cases, "seed": args.seed, "generation_s": round(gen_s, 1)},
-        "stage1": recs[0], "stage2": recs[1],
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    common = {"seed": args.seed, "val_fraction": args.val_fraction, "val_interval": args.val_interval}
+    if args.device:
+        common["device"] = f"$torch.device('{args.device}')"
+    plans = {
+        1: dict(common, epochs=args.epochs1, samples_per_epoch=args.samples1, batch_size=args.batch1, patch_size=args.patch1),
+        2: dict(common, epochs=args.epochs2, samples_per_epoch=args.samples2, batch_size=args.batch2, patch_size=args.patch2),
     }
-    models.mkdir(parents=True, exist_ok=True)
-    (models / "provenance.json").write_text(json.dumps(record, indent=1))
-    print(f"weights in {models}; record in {models / 'provenance.json'}")
-    if args.eval_cases:
-        from evaluate_heldout import evaluate  # noqa: E402
+    threads = {1: args.threads1, 2: args.threads2}
+    # cache the working-grid arrays once, before two processes would race to write them
+    from imsct.training import split_cases
 
-        res = evaluate(models, work / "heldout", args.eval_cases, args.eval_seed)
-        record["heldout"] = res
+    split_cases(data, None, cache, args.val_fraction, args.seed)
+    procs, logs, cmds = {}, {}, {}
+    for stage, plan in plans.items():
+        out = work / f"stage{stage}"
+        cmds[stage] = bundle_train_cmd(stage, data, out, cache, plan)
+        logs[stage] = work / f"stage{stage}.log"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads[stage]), MKL_NUM_THREADS=str(threads[stage]))
+        procs[stage] = subprocess.Popen(cmds[stage], cwd=BUNDLE, env=env, stdout=open(logs[stage], "w"), stderr=subprocess.STDOUT)
+        print(f"stage {stage}: training, log in {logs[stage]}", flush=True)
+    durations = {}
+    for stage, p in procs.items():
+        rc = p.wait()
+        durations[stage] = round(time.time() - t0 - gen_s, 1)
+        if rc != 0:
+            print(f"stage {stage} failed (exit {rc}); see {logs[stage]}", file=sys.stderr)
+            return rc
+
+    models = Path(args.models)
+    for stage, factory, name in ((1, localiser, "localiser.pt"), (2, tumour_network, "model.pt")):
+        net = load_weights(factory(), work / f"stage{stage}" / "best.pt")
+        save_weights(net, models / name)
+    record = {
+        "command": "python scripts/train_shipped.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "training_data": {"generator": f"python -m imsct.phantoms --out {data} --cases {args.cases} --seed {args.seed}",
+                          "cases": args.cases, "seed": args.seed, "validation_fraction": args.val_fraction,
+                          "generation_s": gen_s},
+        "stages": {
+            str(stage): {"bundle_command": " ".join(cmds[stage]), "threads": threads[stage], "wall_s": durations[stage],
+                         "selected": "best.pt (highest validation mean Dice)", **parse_log(logs[stage].read_text())}
+            for stage in plans
+        },
+        "weights": {"localiser.pt": "stage 1, float16 state dict", "model.pt": "stage 2, float16 state dict"},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+    }
+    (models / "provenance.json").write_text(json.dumps(record, indent=1))
+    if args.eval_cases:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from evaluate_heldout import evaluate
+
+        summary = evaluate(models, work / "heldout", args.eval_cases, args.eval_seed, work / "heldout_eval")
+        record["heldout"] = {"generator": f"python -m imsct.phantoms --cases {args.eval_cases} --seed {args.eval_seed}", **summary}
         (models / "provenance.json").write_text(json.dumps(record, indent=1))
+    print(f"weights and provenance in {models}")
     return 0
 
 
