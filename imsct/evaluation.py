@@ -22,6 +22,7 @@ from .geometry import to_working
 from .io import InputError, load_volume
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 from .metrics import box_coverage, case_metrics, dice
+from .runner import write_outputs
 
 log = logging.getLogger("imsct")
 CLASSES = tuple(SEG_SUFFIXES)  # tumor, edema, cavity, whole-tumor
@@ -121,6 +122,7 @@ class CohortEvaluator:
     output_dir: str
     rank: int = 0
     world_size: int = 1
+    write_predictions: bool = True
     rows: list = field(default_factory=list)
     errors: dict = field(default_factory=dict)
 
@@ -131,7 +133,10 @@ class CohortEvaluator:
         mine = cases[self.rank :: self.world_size]
         for i, case in enumerate(mine, 1):
             try:
-                row, _ = evaluate_case(self.cascade, case)
+                row, res = evaluate_case(self.cascade, case)
+                if self.write_predictions:
+                    voxel_mm3 = float(abs(np.linalg.det(res.affine[:3, :3])))
+                    write_outputs(res.labelmap, res.affine, case.name, Path(self.output_dir) / "predictions", voxel_mm3)
             except InputError as exc:
                 self.errors[case.name] = str(exc)
                 log.error("[rank %d] %s: FAILED: %s", self.rank, case.name, exc)

@@ -19,7 +19,7 @@ import torch
 
 from .bids import Case, find_cases
 from .cascade import Cascade
-from .io import InputError, load_volume, save_volumes
+from .io import InputError, load_volume, save_volumes, strip_nifti_ext
 from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES
 from .networks import localiser, tumour_network
 from .postprocess import split_masks
@@ -43,6 +43,17 @@ def output_paths(case_name: str, output_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, output_dir: str | Path, voxel_mm3: float) -> tuple[dict[str, Path], dict[str, float]]:
+    """Write the four SCT-named binary masks and the label map together (all or nothing);
+    returns their paths and the volume of each class in cm3."""
+    masks = split_masks(labelmap)
+    paths = output_paths(case_name, output_dir)
+    items = [(masks[k].astype(np.uint8), affine, paths[k], np.uint8) for k in SEG_SUFFIXES]
+    items.append((labelmap, affine, paths["labelmap"], np.uint8))
+    save_volumes(items)
+    return paths, {k: float(m.sum()) * voxel_mm3 / 1000.0 for k, m in masks.items()}
+
+
 def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path, output_dir: str | Path, name: str | None = None) -> dict:
     """Segment one T2w + T1w pair and write the SCT-named masks and the label map on the T2w grid."""
     t2_path, t1_path = Path(t2_path), Path(t1_path)
@@ -52,15 +63,7 @@ def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path, out
     t1 = load_volume(t1_path, "T1w")
     t0 = time.perf_counter()
     res = cascade(t2, t1)
-    masks = split_masks(res.labelmap)
-    from .io import strip_nifti_ext
-
-    paths = output_paths(name or strip_nifti_ext(t2_path.name), output_dir)
-    items = [(masks[k].astype(np.uint8), t2.affine, paths[k], np.uint8) for k in SEG_SUFFIXES]
-    items.append((res.labelmap, t2.affine, paths["labelmap"], np.uint8))
-    save_volumes(items)
-    vox = t2.voxel_volume_mm3
-    volumes = {k: float(m.sum()) * vox / 1000.0 for k, m in masks.items()}
+    paths, volumes = write_outputs(res.labelmap, t2.affine, name or strip_nifti_ext(t2_path.name), output_dir, t2.voxel_volume_mm3)
     return {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
             "seconds": round(time.perf_counter() - t0, 2), "cord_found": res.cord_found, "timings": res.timings}
 
@@ -73,6 +76,8 @@ class BatchRunner:
     dataset_dir: str
     output_dir: str
     exit_on_error: bool = True
+    rank: int = 0
+    world_size: int = 1
     results: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
 
@@ -80,6 +85,7 @@ class BatchRunner:
         cases = find_cases(self.dataset_dir)
         if not cases:
             raise InputError(f"dataset folder {self.dataset_dir}: no sub-*/anat/*_T2w.nii.gz found")
+        cases = cases[self.rank :: self.world_size]  # torchrun: each rank its own share
         for i, case in enumerate(cases, 1):
             try:
                 info = segment_case(self.cascade, case.t2, case.t1, self.output_dir, case.name)
