@@ -76,7 +76,7 @@ class Cascade:
 
     def __init__(
         self,
-        localiser: torch.nn.Module,
+        localiser: torch.nn.Module | None,
         segmenter: torch.nn.Module,
         inferer: SlidingWindowInferer | None = None,
         threshold: float = 0.5,
@@ -91,7 +91,8 @@ class Cascade:
         spacing: tuple[float, float, float] = WORKING_SPACING,
     ):
         self.device = torch.device(device)
-        self.localiser = localiser.to(self.device).eval()
+        # localiser=None: no cascade, stage 2 runs over the whole field (the paper's baseline)
+        self.localiser = localiser.to(self.device).eval() if localiser is not None else None
         self.segmenter = segmenter.to(self.device).eval()
         self.inferer = inferer or SlidingWindowInferer(roi_size=ROI_SIZE, sw_batch_size=4, overlap=0.25, mode="gaussian")
         self.threshold = threshold
@@ -145,8 +146,11 @@ class Cascade:
         tm["resample"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        cord = self.localise(t2w)
-        box = cord_box(cord, w_shape, self.safety_factor, tuple(self.inferer.roi_size))
+        if self.localiser is None:
+            cord, box = np.zeros(w_shape, np.uint8), (np.zeros(3, int), np.asarray(w_shape))
+        else:
+            cord = self.localise(t2w)
+            box = cord_box(cord, w_shape, self.safety_factor, tuple(self.inferer.roi_size))
         tm["localise"] = time.perf_counter() - t0
         if box is None:
             log.warning("%s: no spinal cord found by stage 1; segmenting the whole field", t2.path)

@@ -101,13 +101,19 @@ def stage1_input_like(mask: np.ndarray, offset: np.ndarray, field_size=STAGE1_FI
     return out, off
 
 
-def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion: float = 0.67) -> tuple[np.ndarray, np.ndarray]:
+def stage2_region(d, crop_to_cord: bool = True) -> tuple[slice, ...]:
+    """Where stage 2 works on a cached case: the true cord box grown as at test time, or the whole
+    working field (``crop_to_cord=False``: the single-network baseline without the cascade)."""
+    box = cord_box(d["cord"] > 0, d["t2"].shape) if crop_to_cord else None
+    lo, hi = box if box is not None else (np.zeros(3, int), np.asarray(d["t2"].shape))
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion: float = 0.67, crop_to_cord: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """A patch of [T2w, T1w] inside the (true) cord box, centred on a lesion voxel with
     probability ``p_lesion`` so that small classes are seen."""
     d = np.load(npz)
-    box = cord_box(d["cord"] > 0, d["t2"].shape)
-    lo, hi = box if box is not None else (np.zeros(3, int), np.asarray(d["t2"].shape))
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sl = stage2_region(d, crop_to_cord)
     img = np.stack([d["t2"][sl], d["t1"][sl]])
     tgt = stage2_target(d["label"][sl])
     centre = None
@@ -267,7 +273,8 @@ def split_cases(dataset_dir: str | Path | None = None, datalist: str | Path | No
 class PatchDataset(torch.utils.data.Dataset):
     """``samples`` random training patches per epoch, read from the cached cases at each access
     (nothing held in memory). Stage 1: crops of the localiser's field around the cord; stage 2:
-    lesion-centred patches inside the cord box. Random affine augmentation per sample."""
+    lesion-centred patches inside the cord box; stage 0: the same over the whole field (the
+    single-network baseline). Random affine augmentation per sample."""
 
     def __init__(self, files, stage: int, patch, samples: int = 100, augment_prob: float = 0.5, p_lesion: float = 0.67):
         self.files, self.stage, self.patch = list(files), int(stage), tuple(int(p) for p in patch)
@@ -281,8 +288,8 @@ class PatchDataset(torch.utils.data.Dataset):
         f = self.files[int(rng.integers(len(self.files)))]
         if self.stage == 1:
             x, y = stage1_sample(f, rng, self.patch)
-        else:
-            x, y = stage2_sample(f, rng, self.patch, self.p_lesion)
+        else:  # stage 2, or stage 0: one network on the whole field (no cascade)
+            x, y = stage2_sample(f, rng, self.patch, self.p_lesion, crop_to_cord=self.stage == 2)
         xt, yt = _augment(torch.from_numpy(x)[None], torch.from_numpy(y)[None], rng, self.augment_prob)
         return {"image": xt[0], "label": yt[0]}
 
@@ -303,9 +310,7 @@ class ValidationDataset(torch.utils.data.Dataset):
             x, y = stage1_sample(f, np.random.default_rng(0), None)
         else:
             d = np.load(f)
-            box = cord_box(d["cord"] > 0, d["t2"].shape)
-            lo, hi = box if box is not None else (np.zeros(3, int), np.asarray(d["t2"].shape))
-            sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+            sl = stage2_region(d, crop_to_cord=self.stage == 2)
             x, y = np.stack([d["t2"][sl], d["t1"][sl]]), stage2_target(d["label"][sl])
         return {"image": torch.from_numpy(np.ascontiguousarray(x)), "label": torch.from_numpy(np.ascontiguousarray(y))}
 
