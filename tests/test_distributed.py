@@ -5,10 +5,8 @@ import os
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +45,12 @@ def test_two_process_evaluation_shards_cases(phantom_dir, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert sorted(r["case"] for r in rows) == ["sub-001_T2w", "sub-002_T2w"]  # each case exactly once
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
-    assert summary["cases"] == 2 and "whole-tumor_dice_mean" in summary
+    assert summary["cases"] == 2
+    for cls in ("tumor", "edema", "cavity", "whole-tumor"):  # every Table-4 metric per class
+        for metric in ("dice", "tpr_detection", "fpr_detection", "precision", "recall", "avd", "rvd"):
+            assert f"{cls}_{metric}" in rows[0] and f"{cls}_{metric}_mean" in summary
+    for key in ("stage1_dice", "box_lesion_coverage"):
+        assert 0.0 <= float(rows[0][key]) <= 1.0
+    assert 0.0 <= summary["lesion_voxels_in_box"] <= 1.0
     preds = sorted(p.name for p in (tmp_path / "predictions").iterdir())
     assert len(preds) == 10 and len(set(preds)) == 10
