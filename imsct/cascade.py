@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
-from scipy import ndimage
 
 from .geometry import WORKING_SPACING, crop_or_pad, field_overlap, resample, working_grid
 from .io import InputError, Volume

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .bids import Case, find_cases
+from .bids import find_cases
 from .cascade import Cascade
 from .io import InputError, load_volume, save_volumes, strip_nifti_ext
 from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceLoss
 
 from .bids import Case, find_cases
 from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
 from .geometry import WORKING_SPACING, resample, to_working, working_grid
 from .io import load_volume
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
-from .networks import localiser, tumour_network
 
 log = logging.getLogger(__name__)
 
@@ -145,81 +141,6 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, prob: f
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return (F.grid_sample(x, grid, mode="bilinear", align_corners=False),
             F.grid_sample(y, grid, mode="nearest", align_corners=False))
-
-
-def dice_per_channel(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Dice of binary masks per channel (``(C, ...)``); 1 where both are empty."""
-    from .metrics import dice
-
-    return np.array([dice(p, t) for p, t in zip(pred, truth)])
-
-
-def train_stage(
-    stage: int,
-    dataset_dir: str | Path,
-    out: str | Path,
-    cache_dir: str | Path,
-    steps: int = 200,
-    batch_size: int = 2,
-    lr: float = 1e-3,
-    patch=None,
-    seed: int = 0,
-    augment_prob: float = 0.3,
-    amp: bool = True,
-    log_every: int = 10,
-    init: str | Path | None = None,
-    time_limit_s: float | None = None,
-) -> dict:
-    """Train stage 1 (localiser) or stage 2 (tumour network); returns a training record.
-
-    Adam, lr with cosine annealing over ``steps``, Dice loss (mean of per-channel Dice for stage 2),
-    bfloat16 autocast on CPU when ``amp``. Saves the state dict (float16) to ``out``.
-    """
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    cases = [c for c in find_cases(dataset_dir) if c.labels]
-    files = [prepare_case(c, cache_dir) for c in cases]
-    net = localiser() if stage == 1 else tumour_network()
-    if init:
-        net.load_state_dict({k: v.float() for k, v in torch.load(init, map_location="cpu", weights_only=True).items()})
-    net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    loss_fn = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    patch = patch or ((256, 128, 32) if stage == 1 else ROI_SIZE)
-    history = []
-    t_start = time.time()
-    running = 0.0
-    for step in range(1, steps + 1):
-        xs, ys = [], []
-        for _ in range(batch_size):
-            f = files[rng.integers(len(files))]
-            x, y = stage1_sample(f, rng, patch) if stage == 1 else stage2_sample(f, rng, patch)
-            xs.append(x)
-            ys.append(y)
-        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-        x, y = _augment(x, y, rng, augment_prob)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits = net(x)
-        loss = loss_fn(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running += float(loss.detach())
-        if step % log_every == 0 or step == steps:
-            rec = {"step": step, "loss": running / (log_every if step % log_every == 0 else step % log_every),
-                   "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t_start, 1)}
-            history.append(rec)
-            print(f"stage {stage} step {step}/{steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['elapsed_s']}s", flush=True)
-            running = 0.0
-            save_weights(net, out)
-        if time_limit_s and time.time() - t_start > time_limit_s:
-            print(f"stage {stage}: time limit reached at step {step}", flush=True)
-            break
-    save_weights(net, out)
-    return {"stage": stage, "steps_done": step, "batch_size": batch_size, "patch": list(patch), "lr": lr,
-            "cases": len(files), "seed": seed, "history": history, "train_time_s": round(time.time() - t_start, 1)}
 
 
 def save_weights(net: torch.nn.Module, path: str | Path) -> None:

@@ -1,8 +1,7 @@
-import numpy as np
 import pytest
 import torch
 
-from imsct.networks import ModifiedUNet3D, PatchNormalised, localiser, tumour_network
+from imsct.networks import ModifiedUNet3D, localiser, tumour_network
 
 
 @pytest.mark.parametrize(
