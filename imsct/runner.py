@@ -96,7 +96,7 @@ class BatchRunner:
             vols = ", ".join(f"{k} {v:.2f} cm3" for k, v in info["volumes_cm3"].items())
             log.info("[%d/%d] %s: %s (%.1f s)", i, len(cases), case.name, vols, info["seconds"])
             for p in info["outputs"].values():
-                log.info("    %s", p)
+                log.info("    %s", Path(p).resolve())
         if self.errors and self.exit_on_error:
             lines = "\n".join(f"  {k}: {v}" for k, v in self.errors.items())
             print(f"imsct: {len(self.errors)} of {len(cases)} case(s) failed:\n{lines}", file=sys.stderr, flush=True)
