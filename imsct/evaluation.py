@@ -135,8 +135,7 @@ class CohortEvaluator:
             try:
                 row, res = evaluate_case(self.cascade, case)
                 if self.write_predictions:
-                    voxel_mm3 = float(abs(np.linalg.det(res.affine[:3, :3])))
-                    write_outputs(res.labelmap, res.affine, case.name, Path(self.output_dir) / "predictions", voxel_mm3)
+                    write_outputs(res.labelmap, res.affine, case.name, Path(self.output_dir) / "predictions")
             except InputError as exc:
                 self.errors[case.name] = str(exc)
                 log.error("[rank %d] %s: FAILED: %s", self.rank, case.name, exc)

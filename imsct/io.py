@@ -35,7 +35,12 @@ class Volume:
 
     @property
     def voxel_volume_mm3(self) -> float:
-        return float(abs(np.linalg.det(self.affine[:3, :3])))
+        return voxel_volume_mm3(self.affine)
+
+
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """Volume of one voxel (mm3) of a grid with this voxel-to-world affine."""
+    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
 
 
 MAX_VOXEL_MM = 20.0

@@ -18,7 +18,7 @@ import numpy as np
 
 from .bids import find_cases
 from .cascade import Cascade
-from .io import InputError, load_volume, save_volumes, strip_nifti_ext
+from .io import InputError, load_volume, save_volumes, strip_nifti_ext, voxel_volume_mm3
 from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES
 from .networks import localiser, tumour_network
 from .postprocess import split_masks
@@ -42,7 +42,7 @@ def output_paths(case_name: str, output_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, output_dir: str | Path, voxel_mm3: float) -> tuple[dict[str, Path], dict[str, float]]:
+def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, output_dir: str | Path) -> tuple[dict[str, Path], dict[str, float]]:
     """Write the four SCT-named binary masks and the label map together (all or nothing);
     returns their paths and the volume of each class in cm3."""
     masks = split_masks(labelmap)
@@ -50,7 +50,8 @@ def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, outp
     items = [(masks[k].astype(np.uint8), affine, paths[k], np.uint8) for k in SEG_SUFFIXES]
     items.append((labelmap, affine, paths["labelmap"], np.uint8))
     save_volumes(items)
-    return paths, {k: float(m.sum()) * voxel_mm3 / 1000.0 for k, m in masks.items()}
+    vox = voxel_volume_mm3(affine)
+    return paths, {k: float(m.sum()) * vox / 1000.0 for k, m in masks.items()}
 
 
 def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path, output_dir: str | Path, name: str | None = None) -> dict:
@@ -62,7 +63,7 @@ def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path, out
     t1 = load_volume(t1_path, "T1w")
     t0 = time.perf_counter()
     res = cascade(t2, t1)
-    paths, volumes = write_outputs(res.labelmap, t2.affine, name or strip_nifti_ext(t2_path.name), output_dir, t2.voxel_volume_mm3)
+    paths, volumes = write_outputs(res.labelmap, t2.affine, name or strip_nifti_ext(t2_path.name), output_dir)
     return {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
             "seconds": round(time.perf_counter() - t0, 2), "cord_found": res.cord_found, "timings": res.timings}
 

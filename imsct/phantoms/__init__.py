@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..io import voxel_volume_mm3
 from ..labels import CORD_BOX_SUFFIX, CORD_SUFFIX, SEG_SUFFIXES
 from .anatomy import PhantomSpec, random_spec
 from .render import Acquisition, corrupt, label_map, nifti, random_acquisition, render_labels_and_tissue
@@ -70,7 +71,7 @@ def generate_case(seed: int, index: int, subject: str | None = None, max_voxels:
     labels = {SEG_SUFFIXES[k]: nifti(v.astype(np.uint8), affine) for k, v in masks.items()}
     labels[CORD_BOX_SUFFIX] = nifti((fr["cylinder"] >= 0.5).astype(np.uint8), affine)
     labels[CORD_SUFFIX] = nifti((fr["cord"] >= 0.5).astype(np.uint8), affine)
-    vox = float(abs(np.linalg.det(affine[:3, :3])))
+    vox = voxel_volume_mm3(affine)
     sub = subject or f"sub-{index + 1:03d}"
     info = {
         "participant_id": sub,
