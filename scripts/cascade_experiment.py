@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from bundle_train import start_bundle_training  # noqa: E402
 
 
 def seconds_per_iteration(log: str) -> float:
@@ -86,15 +87,11 @@ def main(argv=None) -> int:
     arms = {"cascade": 2, "single network": 0}
     procs, logs = {}, {}
     for arm, stage in arms.items():
-        run_dir = out / f"stage{stage}"
         logs[arm] = out / f"stage{stage}.log"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
-               "configs/metadata.json", "--logging_file", "configs/logging.conf", "--dataset_dir", str(Path(args.train).resolve()),
-               "--cache_dir", str(Path(args.cache).resolve()), "--output_dir", str(run_dir.resolve()), "--stage", str(stage),
-               "--epochs", str(args.epochs), "--samples_per_epoch", str(args.samples), "--batch_size", str(args.batch),
-               "--patch_size", args.patch, "--seed", str(args.seed), "--val_fraction", "0.1", "--val_interval", str(args.epochs)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        procs[arm] = subprocess.Popen(cmd, cwd=BUNDLE, env=env, stdout=open(logs[arm], "w"), stderr=subprocess.STDOUT)
+        procs[arm], _ = start_bundle_training(
+            logs[arm], args.threads, dataset_dir=Path(args.train), cache_dir=Path(args.cache), output_dir=out / f"stage{stage}",
+            stage=stage, epochs=args.epochs, samples_per_epoch=args.samples, batch_size=args.batch, patch_size=args.patch,
+            seed=args.seed, val_fraction=0.1, val_interval=args.epochs)
     for arm, p in procs.items():
         if p.wait() != 0:
             print(f"{arm}: training failed, see {logs[arm]}", file=sys.stderr)

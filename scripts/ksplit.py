@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundle"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bundle_train import start_bundle_training  # noqa: E402
 
 CLASSES = ("tumor", "edema", "cavity", "whole-tumor")
 METRICS = ("dice", "tpr_detection", "fpr_detection", "precision", "recall", "avd", "rvd")
@@ -78,13 +78,11 @@ def main(argv=None) -> int:
         procs = []
         for stage, epochs, samples, patch, batch in ((1, args.epochs1, args.samples1, args.patch1, args.batch1),
                                                      (2, args.epochs2, args.samples2, args.patch2, args.batch2)):
-            cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--meta_file",
-                   "configs/metadata.json", "--logging_file", "configs/logging.conf", "--datalist", str(datalist.resolve()),
-                   "--output_dir", str((sdir / f"stage{stage}").resolve()), "--cache_dir", str((out / "cache").resolve()),
-                   "--stage", str(stage), "--epochs", str(epochs), "--samples_per_epoch", str(samples), "--patch_size", patch,
-                   "--batch_size", str(batch), "--val_interval", str(max(1, epochs // 4)), "--seed", str(args.seed + split)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-            procs.append(subprocess.Popen(cmd, cwd=BUNDLE, env=env, stdout=open(sdir / f"stage{stage}.log", "w"), stderr=subprocess.STDOUT))
+            proc, _ = start_bundle_training(
+                sdir / f"stage{stage}.log", args.threads, datalist=datalist, output_dir=sdir / f"stage{stage}",
+                cache_dir=out / "cache", stage=stage, epochs=epochs, samples_per_epoch=samples, patch_size=patch,
+                batch_size=batch, val_interval=max(1, epochs // 4), seed=args.seed + split)
+            procs.append(proc)
         if any(p.wait() != 0 for p in procs):
             print(f"split {split}: training failed, see {sdir}/stage*.log", file=sys.stderr)
             return 1

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,16 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def bundle_train_cmd(stage: int, data: Path, out: Path, cache: Path, overrides: dict) -> list[str]:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
-           "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
-           "--dataset_dir", str(data.resolve()), "--output_dir", str(out.resolve()), "--cache_dir", str(cache.resolve()),
-           "--stage", str(stage)]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    return cmd
+from bundle_train import start_bundle_training  # noqa: E402
 
 
 def parse_log(text: str) -> dict:
@@ -97,11 +89,9 @@ def main(argv=None) -> int:
     split_cases(data, None, cache, args.val_fraction, args.seed)
     procs, logs, cmds = {}, {}, {}
     for stage, plan in plans.items():
-        out = work / f"stage{stage}"
-        cmds[stage] = bundle_train_cmd(stage, data, out, cache, plan)
         logs[stage] = work / f"stage{stage}.log"
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads[stage]), MKL_NUM_THREADS=str(threads[stage]))
-        procs[stage] = subprocess.Popen(cmds[stage], cwd=BUNDLE, env=env, stdout=open(logs[stage], "w"), stderr=subprocess.STDOUT)
+        procs[stage], cmds[stage] = start_bundle_training(
+            logs[stage], threads[stage], dataset_dir=data, output_dir=work / f"stage{stage}", cache_dir=cache, stage=stage, **plan)
         print(f"stage {stage}: training, log in {logs[stage]}", flush=True)
     durations = {}
     for stage, p in procs.items():
