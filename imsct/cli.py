@@ -1,0 +1,53 @@
+"""The ``imsct`` console command: one entry point, one sub-command per job.
+
+Each sub-command lives in ``imsct/commands/<name>.py`` and provides ``HELP`` (one line),
+``EXAMPLE`` (shown under ``--help``), ``add_arguments(parser)`` and ``run(args) -> int``. Heavy
+imports stay inside ``run`` so that ``imsct --help`` answers at once.
+
+Exit codes: 0 success, 1 the job failed on some input (each failure printed), 2 bad usage or bad
+input (one line naming the file and the problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .io import InputError
+
+COMMANDS = ("segment", "morphometrics", "compare", "qc", "phantoms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imsct",
+        description="Intramedullary spinal cord tumour segmentation (tumour, edema, cavity) on T2w + Gd-T1w MRI.",
+        epilog="Run 'imsct <command> --help' for the options and an example of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name in COMMANDS:
+        mod = importlib.import_module(f"imsct.commands.{name}")
+        p = sub.add_parser(
+            name, help=mod.HELP, description=mod.HELP, epilog=f"example:\n  {mod.EXAMPLE}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except InputError as exc:
+        print(f"imsct {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"imsct {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

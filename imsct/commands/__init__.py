@@ -1,0 +1,1 @@
+"""Sub-commands of the ``imsct`` console command (see :mod:`imsct.cli`)."""
