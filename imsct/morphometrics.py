@@ -1,0 +1,316 @@
+"""Lesion morphometrics (what ``sct_analyze_lesion`` users expect), per class and per component.
+
+Definitions (all in world millimetres, from the image's voxel-to-world affine, so anisotropic and
+oblique grids are measured correctly):
+
+- **Classes**: ``tumor`` (label 1), ``edema`` (2), ``cavity`` (3) and ``whole-tumor`` (any label).
+- **Components**: 26-connected (face, edge or corner neighbours) voxels of one class, the same
+  connectivity as post-processing (:func:`imsct.postprocess.remove_small`). Numbered 1.. per class
+  from superior to inferior.
+- **Volume**: voxel count x voxel volume (:func:`imsct.io.voxel_volume_mm3`), in mm3 and cm3.
+- **Axis**: without a cord mask, the world superior axis (z). With a cord mask, the cord
+  centreline: centroids of the cord in 2 mm horizontal slabs, smoothed over ~10 mm; a point's
+  coordinate along it is the arc length at its height plus its horizontal offset projected on the
+  local tangent (exact for a straight, tilted cord, first order for a curved one).
+- **Superior-inferior length**: extent of the component's voxel centres along the axis, corrected
+  for sampling: ``range * m / (m - 1)`` with ``m`` distinct positions along the axis. On a grid with
+  slices perpendicular to the axis this is the number of slices x slice spacing (SCT's count);
+  on an oblique grid, where positions are nearly continuous, it is the range. One position: the
+  voxel's extent along the axis.
+- **Maximal equivalent diameter**: the largest over slabs perpendicular to the axis of
+  ``2 * sqrt(area / pi)``, the area of a slab being its voxel volume divided by its thickness. The
+  slab thickness is the voxel's extent along the axis, repeated until at least 1 mm, so that on a
+  grid with slices perpendicular to the axis each slab holds whole slices.
+- **Centroid**: mean of the voxel centres, in voxel indices and world (RAS+) mm.
+- **Vertebral levels**: levels whose height range overlaps the component's world-z range (voxel
+  centres). A level spans from its body's top down to the top of the next body (body plus the disc
+  below), as the phantoms' truth does. Given as ``{"vertebrae": [{"level", "z_top_mm",
+  "z_bottom_mm"}, ...]}`` (a phantom's ``*_phantom.json`` works as is); ``None`` without it.
+
+Per-class rows: ``count`` (components), total volume, and the largest length and diameter over the
+class's components, with the union of their levels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .io import InputError, voxel_volume_mm3
+from .labels import STAGE2_CHANNELS
+from .postprocess import split_masks
+
+CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
+SLAB_MIN_MM = 1.0
+CENTRELINE_BIN_MM = 2.0
+CENTRELINE_SMOOTH_MM = 10.0
+CLASS_FIELDS = ("count", "volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm", "levels")
+CSV_COLUMNS = (
+    "class", "component", "count", "volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm",
+    "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "centroid_i", "centroid_j", "centroid_k", "levels",
+)
+
+
+def world(indices: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World (RAS+, mm) coordinates of ``(n, 3)`` voxel indices."""
+    a = np.asarray(affine, float)
+    return np.asarray(indices, float) @ a[:3, :3].T + a[:3, 3]
+
+
+def extent_along(direction: np.ndarray, affine: np.ndarray) -> float:
+    """Extent of one voxel (its box) along a unit direction, in mm."""
+    return float(np.abs(np.asarray(direction, float) @ np.asarray(affine, float)[:3, :3]).sum())
+
+
+# ---- the measuring axis ------------------------------------------------------------------------
+class SuperiorAxis:
+    """The world superior axis: coordinate = world z."""
+
+    name = "world-superior"
+
+    def coordinate(self, points: np.ndarray) -> np.ndarray:
+        return points[:, 2]
+
+    def tangent(self, z: float) -> np.ndarray:
+        return np.array([0.0, 0.0, 1.0])
+
+
+@dataclass
+class CordAxis:
+    """The cord centreline, as a function of world height (the cord runs superior-inferior)."""
+
+    z: np.ndarray  # knot heights, increasing
+    xy: np.ndarray  # (n, 2) centreline x, y at the knots
+    d: np.ndarray  # (n, 2) dx/dz, dy/dz
+    s: np.ndarray  # arc length at the knots
+    name: str = "cord-centreline"
+
+    @classmethod
+    def from_mask(cls, cord: np.ndarray, affine: np.ndarray) -> "CordAxis":
+        pts = world(np.argwhere(cord), affine)
+        if len(pts) == 0:
+            raise InputError("cord mask: it is empty (no voxel > 0)")
+        lo = pts[:, 2].min()
+        b = np.floor((pts[:, 2] - lo) / CENTRELINE_BIN_MM).astype(int)
+        n = np.bincount(b)
+        keep = n > 0
+        z = (np.bincount(b, pts[:, 2])[keep] / n[keep])
+        xy = np.stack([np.bincount(b, pts[:, i])[keep] / n[keep] for i in (0, 1)], axis=1)
+        if len(z) < 3:
+            raise InputError(f"cord mask: spans only {np.ptp(pts[:, 2]):.1f} mm superior-inferior; too short for a centreline")
+        half = max(1, int(round(CENTRELINE_SMOOTH_MM / CENTRELINE_BIN_MM / 2)))
+        xy = np.stack([_moving_average(xy[:, i], half) for i in (0, 1)], axis=1)
+        d = np.stack([np.gradient(xy[:, i], z) for i in (0, 1)], axis=1)
+        speed = np.sqrt(1.0 + (d**2).sum(1))
+        s = np.concatenate([[0.0], np.cumsum(0.5 * (speed[1:] + speed[:-1]) * np.diff(z))])
+        return cls(z=z, xy=xy, d=d, s=s)
+
+    def _at(self, z: np.ndarray):
+        xy = np.stack([np.interp(z, self.z, self.xy[:, i]) for i in (0, 1)], axis=1)
+        d = np.stack([np.interp(z, self.z, self.d[:, i]) for i in (0, 1)], axis=1)
+        s = np.interp(z, self.z, self.s)
+        speed = np.sqrt(1.0 + (d**2).sum(1))
+        # beyond the cord's ends: continue straight along the end tangent
+        s = s + np.where(z < self.z[0], (z - self.z[0]) * speed, 0.0) + np.where(z > self.z[-1], (z - self.z[-1]) * speed, 0.0)
+        xy = xy + np.where(z < self.z[0], z - self.z[0], 0.0)[:, None] * d + np.where(z > self.z[-1], z - self.z[-1], 0.0)[:, None] * d
+        return xy, d, s, speed
+
+    def coordinate(self, points: np.ndarray) -> np.ndarray:
+        xy, d, s, speed = self._at(points[:, 2])
+        return s + ((points[:, :2] - xy) * d).sum(1) / speed
+
+    def tangent(self, z: float) -> np.ndarray:
+        _, d, _, speed = self._at(np.array([float(z)]))
+        return np.array([d[0, 0], d[0, 1], 1.0]) / speed[0]
+
+
+def _moving_average(v: np.ndarray, half: int) -> np.ndarray:
+    """Centred moving average, the window shrinking near the ends."""
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(len(v))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(v))
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+# ---- levels --------------------------------------------------------------------------------
+def load_levels(path: str | os.PathLike) -> list[dict]:
+    """Vertebral levels from a JSON with ``"vertebrae": [{"level", "z_top_mm", "z_bottom_mm"}]``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"levels {p}: file not found")
+    try:
+        doc = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"levels {p}: not valid JSON ({exc})") from None
+    return check_levels(doc.get("vertebrae") if isinstance(doc, dict) else doc, str(p))
+
+
+def check_levels(levels, where: str = "levels") -> list[dict]:
+    if not isinstance(levels, list) or not levels:
+        raise InputError(f"levels {where}: expected a non-empty list 'vertebrae' of {{level, z_top_mm, z_bottom_mm}}")
+    out = []
+    for i, v in enumerate(levels):
+        try:
+            top, bottom = float(v["z_top_mm"]), float(v["z_bottom_mm"])
+            out.append({"level": str(v["level"]), "z_top_mm": top, "z_bottom_mm": bottom})
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"levels {where}: entry {i} lacks level, z_top_mm or z_bottom_mm as numbers") from None
+        if not np.isfinite([top, bottom]).all() or top < bottom:
+            raise InputError(f"levels {where}: entry {i} ({out[-1]['level']}) has z_top_mm below z_bottom_mm")
+    return sorted(out, key=lambda v: -v["z_top_mm"])
+
+
+def levels_spanned(z_lo: float, z_hi: float, levels: list[dict] | None) -> list[str] | None:
+    """Names of the levels (body plus the disc below) overlapping heights ``[z_lo, z_hi]``."""
+    if levels is None:
+        return None
+    names = []
+    for k, v in enumerate(levels):
+        bottom = levels[k + 1]["z_top_mm"] if k + 1 < len(levels) else v["z_bottom_mm"]
+        if z_hi >= bottom and z_lo <= v["z_top_mm"]:
+            names.append(v["level"])
+    return names
+
+
+# ---- measuring -------------------------------------------------------------------------------
+def _component(idx: np.ndarray, affine: np.ndarray, axis, vox_mm3: float) -> dict:
+    pts = world(idx, affine)
+    centroid_vox = idx.mean(0)
+    centroid = world(centroid_vox[None], affine)[0]
+    s = axis.coordinate(pts)
+    step = extent_along(axis.tangent(centroid[2]), affine)
+    positions = np.unique(np.round(s, 3))
+    m = len(positions)
+    length = step if m == 1 else float(np.ptp(s)) * m / (m - 1)
+    slab = step * max(1, int(np.ceil(SLAB_MIN_MM / step - 1e-6)))
+    bins = np.floor((s - s.min() + step / 2) / slab).astype(int)
+    area = np.bincount(bins).max() * vox_mm3 / slab
+    return {
+        "volume_mm3": len(idx) * vox_mm3,
+        "volume_cm3": len(idx) * vox_mm3 / 1000.0,
+        "length_si_mm": float(length),
+        "max_equivalent_diameter_mm": float(2.0 * np.sqrt(area / np.pi)),
+        "centroid_world_mm": [float(v) for v in centroid],
+        "centroid_voxel": [float(v) for v in centroid_vox],
+        "z_range_mm": [float(pts[:, 2].min()), float(pts[:, 2].max())],
+    }
+
+
+def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None = None, cord: np.ndarray | None = None) -> dict:
+    """Morphometrics of a label map (0 background, 1 tumour, 2 edema, 3 cavity); see the module
+    docstring for the definitions. ``levels``: list of ``{"level", "z_top_mm", "z_bottom_mm"}``;
+    ``cord``: binary cord mask on the same grid (measure along its centreline)."""
+    labelmap = np.asarray(labelmap)
+    affine = np.asarray(affine, float)
+    if labelmap.ndim != 3:
+        raise InputError(f"label map: expected 3D, got shape {labelmap.shape}")
+    if levels is not None:
+        levels = check_levels(levels)
+    if cord is not None:
+        if np.shape(cord) != labelmap.shape:
+            raise InputError(f"cord mask: shape {np.shape(cord)} differs from the label map's {labelmap.shape}")
+        axis = CordAxis.from_mask(np.asarray(cord) > 0, affine)
+    else:
+        axis = SuperiorAxis()
+    vox = voxel_volume_mm3(affine)
+    masks = split_masks(labelmap)
+    classes, components = {}, []
+    for name in STAGE2_CHANNELS:
+        lab, _ = ndimage.label(masks[name], structure=CONNECTIVITY)
+        comps = []
+        for k, sl in enumerate(ndimage.find_objects(lab), 1):
+            if sl is None:
+                continue
+            idx = np.argwhere(lab[sl] == k) + np.array([s.start for s in sl])
+            comps.append(_component(idx, affine, axis, vox))
+        comps.sort(key=lambda c: -c["centroid_world_mm"][2])  # superior first
+        for i, c in enumerate(comps, 1):
+            c["levels"] = levels_spanned(*c["z_range_mm"], levels)
+            components.append({"class": name, "index": i, **c})
+        union = [lv["level"] for lv in levels if any(lv["level"] in c["levels"] for c in comps)] if levels is not None else None
+        total = int(masks[name].sum()) * vox
+        classes[name] = {
+            "count": len(comps),
+            "volume_mm3": float(total),
+            "volume_cm3": float(total) / 1000.0,
+            "length_si_mm": max((c["length_si_mm"] for c in comps), default=0.0),
+            "max_equivalent_diameter_mm": max((c["max_equivalent_diameter_mm"] for c in comps), default=0.0),
+            "levels": union,
+        }
+    return {
+        "classes": classes,
+        "components": components,
+        "axis": axis.name,
+        "connectivity": 26,
+        "voxel_volume_mm3": vox,
+        "voxel_size_mm": [float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0))],
+    }
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def rows(result: dict) -> list[dict]:
+    """CSV rows: one per component, then one total row per class (``component`` = ``all``)."""
+    out = []
+
+    def fmt_levels(lv):
+        return "" if lv is None else ";".join(lv)
+
+    for c in result["components"]:
+        out.append({
+            "class": c["class"], "component": c["index"], "count": 1,
+            **{k: round(c[k], 4) for k in ("volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm")},
+            **{f"centroid_{a}_mm": round(v, 3) for a, v in zip("xyz", c["centroid_world_mm"])},
+            **{f"centroid_{a}": round(v, 3) for a, v in zip("ijk", c["centroid_voxel"])},
+            "levels": fmt_levels(c["levels"]),
+        })
+    for name, c in result["classes"].items():
+        out.append({
+            "class": name, "component": "all", "count": c["count"],
+            **{k: round(c[k], 4) for k in ("volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm")},
+            "levels": fmt_levels(c["levels"]),
+        })
+    return out
+
+
+def write_texts(items: list[tuple[str, str | os.PathLike]]) -> list[Path]:
+    """Write text files all-or-nothing (temporary names in each destination folder, renamed into
+    place only when every file was written), like :func:`imsct.io.save_volumes`."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for text, path in items:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix, dir=p.parent)
+            staged.append((tmp, p))
+            with os.fdopen(fd, "w", newline="") as fh:
+                fh.write(text)
+        for tmp, p in staged:
+            os.replace(tmp, p)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return [p for _, p in staged]
+
+
+def write_tables(result: dict, out_prefix: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``<prefix>.csv`` and ``<prefix>.json`` together (all or nothing)."""
+    prefix = str(out_prefix)
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, restval="")
+    w.writeheader()
+    w.writerows(rows(result))
+    csv_path, json_path = Path(prefix + ".csv"), Path(prefix + ".json")
+    write_texts([(buf.getvalue(), csv_path), (json.dumps(result, indent=1) + "\n", json_path)])
+    return csv_path, json_path
+
+
+__all__ = ["measure", "write_tables", "load_levels", "levels_spanned", "CordAxis", "SuperiorAxis", "CONNECTIVITY"]
