@@ -1,0 +1,195 @@
+"""``imsct segment``: one case, the Spinal Cord Toolbox's output names (``sct_deepseg tumor_edema_cavity_t1_t2``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+HELP = "Segment tumour, edema and cavity on one T2w + Gd-T1w pair; writes SCT-named masks on the T2w grid."
+EXAMPLE = ("imsct segment --t2 sub-001_T2w.nii.gz --t1 sub-001_T1w.nii.gz -o seg/ --probabilities --morphometrics\n"
+           "  imsct segment --t2 sub-001_T2w.nii.gz --t2-only --remove-small tumor=0.1,edema=0.3")
+
+STAGES = ("load + resample", "localise cord", "segment", "post-process + save")
+
+
+def default_models_dir() -> Path:
+    """The shipped weights: ``bundle/models`` beside the installed package."""
+    import imsct
+
+    return Path(imsct.__file__).resolve().parents[1] / "bundle" / "models"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--t2", required=True, metavar="T2W", help="T2-weighted image (NIfTI); outputs are on its grid")
+    parser.add_argument("--t1", metavar="T1W", help="gadolinium-enhanced T1-weighted image (NIfTI); any grid overlapping the T2w")
+    parser.add_argument("-o", "--output", metavar="DIR", help="output folder (default: the T2w's folder)")
+    parser.add_argument("--models", metavar="DIR", help="folder with localiser.pt and model.pt (default: the shipped bundle/models)")
+    parser.add_argument("--thr", type=float, default=0.5, help="probability threshold (default 0.5)")
+    parser.add_argument("--remove-small", metavar="CM3",
+                        help="drop components smaller than this (cm3): one value for every class or per class, "
+                             "e.g. tumor=0.2,edema=0.5 (default tumor 0.2, edema 0.5, cavity 0.5)")
+    parser.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the masks")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="also save per-class probability maps <name>_prob-<class>.nii.gz (float32, T2w grid)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--t2-only", action="store_true", help="no T1w: use the T2w-only model (model_t2only.pt)")
+    parser.add_argument("--register-t1", action="store_true", help="align the T1w onto the T2w (ITK affine) before segmenting")
+    parser.add_argument("--morphometrics", action="store_true", help="also write <name>_morphometrics.csv and .json")
+    parser.add_argument("--levels", metavar="JSON",
+                        help="vertebral levels for --morphometrics ({\"vertebrae\": [{level, z_top_mm, z_bottom_mm}]}; "
+                             "a phantom's *_phantom.json works)")
+    parser.add_argument("--progress", action="store_true", help="show progress bars even when stderr is not a terminal")
+
+
+def parse_remove_small(text: str | None) -> dict[str, float] | None:
+    """``"0.3"`` -> every class 0.3 cm3; ``"tumor=0.2,edema=0.5"`` -> those classes (others default)."""
+    from ..io import InputError
+    from ..labels import LABELS
+
+    if text is None:
+        return None
+    out: dict[str, float] = {}
+    try:
+        if "=" not in text:
+            out = {k: float(text) for k in LABELS}
+        else:
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                name, value = (s.strip() for s in part.split("=", 1))
+                if name not in LABELS:
+                    raise InputError(f"--remove-small {text}: unknown class '{name}' (choose from {', '.join(LABELS)})")
+                out[name] = float(value)
+    except ValueError:
+        raise InputError(f"--remove-small {text}: expected a number or class=number pairs such as tumor=0.2,edema=0.5") from None
+    bad = [k for k, v in out.items() if not v >= 0 or v == float("inf")]
+    if bad:
+        raise InputError(f"--remove-small {text}: volumes must be finite and >= 0 ({', '.join(bad)})")
+    return out
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from ..io import InputError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device}: not a torch device (cpu, cuda, cuda:0, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+
+
+@contextlib.contextmanager
+def stage_progress(cascade, enabled: bool):
+    """A tqdm bar over the cascade's stages on stderr (and MONAI's sliding-window bar inside)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(STAGES), desc=STAGES[0], file=sys.stderr, disable=not enabled, unit="stage", leave=True)
+
+    def advance(to: int) -> None:
+        if bar.n < to:
+            bar.update(to - bar.n)
+            bar.set_description(STAGES[min(to, len(STAGES) - 1)])
+
+    def wrap(method_name: str, start: int, end: int) -> None:
+        original = getattr(cascade, method_name)
+
+        def call(*a, **k):
+            advance(start)
+            out = original(*a, **k)
+            advance(end)
+            return out
+
+        setattr(cascade, method_name, call)  # instance attribute, removed again below
+
+    old_progress = getattr(cascade.inferer, "progress", False)
+    if enabled:
+        wrap("localise", 1, 2)
+        wrap("segment_crop", 2, 3)
+        cascade.inferer.progress = True
+    try:
+        yield bar
+        advance(len(STAGES))
+    finally:
+        for name in ("localise", "segment_crop"):
+            vars(cascade).pop(name, None)
+        cascade.inferer.progress = old_progress
+        bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import InputError, strip_nifti_ext
+    from ..runner import build_cascade, output_paths, segment_case
+
+    t2 = Path(args.t2)
+    if not t2.is_file():
+        raise InputError(f"T2w {t2}: file not found")
+    t1 = None
+    if args.t2_only:
+        if args.t1:
+            print(f"imsct segment: --t2-only: ignoring T1w {args.t1}", file=sys.stderr)
+    elif not args.t1:
+        raise InputError(f"T2w {t2}: no T1w given; pass --t1 FILE, or --t2-only to segment with the T2w-only model")
+    else:
+        t1 = Path(args.t1)
+        if not t1.is_file():
+            raise InputError(f"T1w {t1}: file not found; pass the Gd-T1w with --t1, or use --t2-only to segment without it")
+    if not 0.0 < args.thr < 1.0:
+        raise InputError(f"--thr {args.thr}: must be between 0 and 1")
+    min_volume = parse_remove_small(args.remove_small)
+    _check_device(args.device)
+    levels = None
+    if args.levels:
+        from ..morphometrics import load_levels
+
+        levels = load_levels(args.levels)
+    models = Path(args.models) if args.models else default_models_dir()
+    if not models.is_dir():
+        raise InputError(f"models folder {models}: not found")
+    for f in ("localiser.pt", "model_t2only.pt" if args.t2_only else "model.pt"):
+        if not (models / f).is_file():
+            raise InputError(f"models folder {models}: {f} not found")
+
+    out_dir = Path(args.output) if args.output else t2.parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output {out_dir}: exists and is not a folder")
+    name = strip_nifti_ext(t2.name)
+    inputs = {p.resolve() for p in (t2, t1) if p is not None}
+    planned = list(output_paths(name, out_dir).values())
+    clash = [p for p in planned if p.resolve() in inputs]
+    if clash:
+        raise InputError(f"output {clash[0]}: would overwrite an input; choose another folder with -o")
+
+    cascade = build_cascade(models, device=args.device, t2_only=args.t2_only, threshold=args.thr,
+                            min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes)
+    show = args.progress or sys.stderr.isatty()
+    with stage_progress(cascade, show):
+        info = segment_case(cascade, t2, t1, out_dir, name=name, probabilities=args.probabilities,
+                            register_t1=args.register_t1 and t1 is not None)
+
+    outputs = {k: Path(v) for k, v in info["outputs"].items()}
+    if args.morphometrics:
+        import nibabel as nib
+        import numpy as np
+
+        from ..morphometrics import measure, write_tables
+
+        img = nib.load(str(outputs["labelmap"]))
+        result = measure(np.asarray(img.dataobj), img.affine, levels)
+        outputs["morphometrics-csv"], outputs["morphometrics-json"] = write_tables(result, out_dir / f"{name}_morphometrics")
+
+    if not info.get("cord_found", True):
+        print(f"imsct segment: warning: no spinal cord found on {t2}; the whole field was segmented", file=sys.stderr)
+    print(f"T2w {t2.resolve()}" + (f"\nT1w {t1.resolve()}" if t1 is not None else " (T2w-only model)"))
+    if "t1_registration" in info:
+        print(f"T1w registered to T2w: {info['t1_registration']}")
+    print("outputs:")
+    width = max(len(k) for k in outputs)
+    for k, p in outputs.items():
+        print(f"  {k:<{width}}  {p.resolve()}")
+    vols = ", ".join(f"{k} {v:.3f}" for k, v in info["volumes_cm3"].items())
+    print(f"volumes (cm3): {vols}")
+    print(f"time: {info['seconds']:.1f} s")
+    return 0
