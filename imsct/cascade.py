@@ -88,6 +88,7 @@ class Cascade:
         field_size: tuple[int, int, int] = STAGE1_FIELD,
         safety_factor: tuple[float, float, float] = SAFETY_FACTOR,
         spacing: tuple[float, float, float] = WORKING_SPACING,
+        t2_only: bool = False,
     ):
         self.device = torch.device(device)
         # localiser=None: no cascade, stage 2 runs over the whole field (the paper's baseline)
@@ -103,6 +104,9 @@ class Cascade:
         self.field_size = tuple(int(v) for v in field_size)
         self.safety_factor = tuple(float(v) for v in safety_factor)
         self.spacing = tuple(float(v) for v in spacing)
+        # t2_only: the segmenter was trained with the T1w channel zeroed (model_t2only.pt); any
+        # T1w given is ignored and the channel is fed as zeros
+        self.t2_only = bool(t2_only)
 
     def _autocast(self):
         if self.amp:
@@ -131,17 +135,23 @@ class Cascade:
             logits = self.inferer(torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device), self.segmenter)
         return torch.sigmoid(logits.float())[0].cpu().numpy()
 
-    def __call__(self, t2: Volume, t1: Volume) -> CascadeResult:
+    def __call__(self, t2: Volume, t1: Volume | None) -> CascadeResult:
         import time
 
+        if t1 is None and not self.t2_only:
+            raise InputError(f"T2w {t2.path}: no T1w given; this model needs both contrasts (use the T2w-only model)")
         tm: dict[str, float] = {}
         t0 = time.perf_counter()
         w_shape, w_aff = working_grid(t2.affine, t2.shape, self.spacing)
         t2w = resample(t2.data, t2.affine, w_shape, w_aff).numpy()
-        t1w = resample(t1.data, t1.affine, w_shape, w_aff).numpy()
-        t1_inside = field_overlap(t1.shape, t1.affine, w_shape, w_aff).numpy()
-        if not t1_inside.any():
-            raise InputError(f"T1w {t1.path}: does not overlap the T2w {t2.path} in world space (check both headers)")
+        if self.t2_only:
+            t1w = np.zeros_like(t2w)
+            t1_inside = np.ones(w_shape, bool)
+        else:
+            t1w = resample(t1.data, t1.affine, w_shape, w_aff).numpy()
+            t1_inside = field_overlap(t1.shape, t1.affine, w_shape, w_aff).numpy()
+            if not t1_inside.any():
+                raise InputError(f"T1w {t1.path}: does not overlap the T2w {t2.path} in world space (check both headers)")
         tm["resample"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

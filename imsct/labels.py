@@ -18,6 +18,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # File suffixes, identical to the Spinal Cord Toolbox's ``sct_deepseg tumor_edema_cavity_t1_t2``.
 SEG_SUFFIXES: dict[str, str] = {name: f"_seg-{name}" for name in STAGE2_CHANNELS}
 LABELMAP_SUFFIX = "_seg-imsct"
+PROB_PREFIX = "_prob-"  # soft outputs: <T2w name>_prob-<class>.nii.gz, float32 in [0, 1]
 CORD_BOX_SUFFIX = "_sc-mask"  # stage-1 target: 30 mm cylinder around the cord centreline
 CORD_SUFFIX = "_seg-cord"  # tight cord mask
 

@@ -19,7 +19,7 @@ import numpy as np
 from .bids import find_cases
 from .cascade import Cascade
 from .io import InputError, load_volume, save_volumes, strip_nifti_ext, voxel_volume_mm3
-from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES
+from .labels import LABELMAP_SUFFIX, LABELS, PROB_PREFIX, SEG_SUFFIXES, STAGE2_CHANNELS
 from .networks import localiser, tumour_network
 from .postprocess import split_masks
 from .training import load_weights
@@ -27,12 +27,19 @@ from .training import load_weights
 log = logging.getLogger("imsct")
 
 
-def build_cascade(models_dir: str | Path, device: str = "cpu", **kw) -> Cascade:
-    """A cascade with the weights of ``models_dir`` (``localiser.pt`` and ``model.pt``)."""
+T2_ONLY_WEIGHTS = "model_t2only.pt"
+
+
+def build_cascade(models_dir: str | Path, device: str = "cpu", t2_only: bool = False, **kw) -> Cascade:
+    """A cascade with the weights of ``models_dir`` (``localiser.pt`` and ``model.pt``; with
+    ``t2_only`` the T2w-only stage-2 network ``model_t2only.pt``, for cases without a T1w)."""
     models_dir = Path(models_dir)
     loc = load_weights(localiser(), models_dir / "localiser.pt")
-    seg = load_weights(tumour_network(), models_dir / "model.pt")
-    return Cascade(loc, seg, device=device, **kw)
+    seg_path = models_dir / (T2_ONLY_WEIGHTS if t2_only else "model.pt")
+    if not seg_path.exists():
+        raise InputError(f"models folder {models_dir}: {seg_path.name} not found")
+    seg = load_weights(tumour_network(), seg_path)
+    return Cascade(loc, seg, device=device, t2_only=t2_only, **kw)
 
 
 def output_paths(case_name: str, output_dir: str | Path) -> dict[str, Path]:
@@ -42,30 +49,61 @@ def output_paths(case_name: str, output_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, output_dir: str | Path) -> tuple[dict[str, Path], dict[str, float]]:
-    """Write the four SCT-named binary masks and the label map together (all or nothing);
+def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, output_dir: str | Path,
+                  probabilities: np.ndarray | None = None) -> tuple[dict[str, Path], dict[str, float]]:
+    """Write the four SCT-named binary masks and the label map together (all or nothing), and with
+    ``probabilities`` ((4, ...) on the same grid) the per-class maps ``<name>_prob-<class>``;
     returns their paths and the volume of each class in cm3."""
     masks = split_masks(labelmap)
     paths = output_paths(case_name, output_dir)
     items = [(masks[k].astype(np.uint8), affine, paths[k], np.uint8) for k in SEG_SUFFIXES]
     items.append((labelmap, affine, paths["labelmap"], np.uint8))
+    if probabilities is not None:
+        for i, name in enumerate(STAGE2_CHANNELS):
+            paths[f"prob-{name}"] = Path(output_dir) / f"{case_name}{PROB_PREFIX}{name}.nii.gz"
+            items.append((probabilities[i].astype(np.float32), affine, paths[f"prob-{name}"], np.float32))
     save_volumes(items)
     vox = voxel_volume_mm3(affine)
     return paths, {k: float(m.sum()) * vox / 1000.0 for k, m in masks.items()}
 
 
-def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path, output_dir: str | Path, name: str | None = None) -> dict:
-    """Segment one T2w + T1w pair and write the SCT-named masks and the label map on the T2w grid."""
-    t2_path, t1_path = Path(t2_path), Path(t1_path)
-    if not t1_path.exists():
-        raise InputError(f"T1w {t1_path}: file not found (expected beside T2w {t2_path})")
+def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path | None, output_dir: str | Path, name: str | None = None,
+                 probabilities: bool = False, register_t1: bool = False) -> dict:
+    """Segment one T2w + T1w pair and write the SCT-named masks and the label map on the T2w grid.
+
+    ``t1_path`` may be None (or is ignored) when the cascade is T2w-only; ``probabilities`` also
+    writes the per-class probability maps; ``register_t1`` first aligns the T1w onto the T2w by an
+    ITK affine registration (correlation metric), for series between which the patient moved."""
+    t2_path = Path(t2_path)
+    t1 = None
+    if not cascade.t2_only:
+        if t1_path is None:
+            raise InputError(f"T2w {t2_path}: no T1w given (use the T2w-only model to segment without it)")
+        t1_path = Path(t1_path)
+        if not t1_path.exists():
+            raise InputError(f"T1w {t1_path}: file not found (expected beside T2w {t2_path})")
     t2 = load_volume(t2_path, "T2w")
-    t1 = load_volume(t1_path, "T1w")
+    if not cascade.t2_only:
+        t1 = load_volume(t1_path, "T1w")
     t0 = time.perf_counter()
-    res = cascade(t2, t1)
-    paths, volumes = write_outputs(res.labelmap, t2.affine, name or strip_nifti_ext(t2_path.name), output_dir)
-    return {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
+    registration = None
+    if register_t1 and t1 is not None:
+        from .registration import register_t1_to_t2
+
+        t1, registration = register_t1_to_t2(t2, t1)
+    keep = cascade.keep_probabilities
+    cascade.keep_probabilities = keep or probabilities
+    try:
+        res = cascade(t2, t1)
+    finally:
+        cascade.keep_probabilities = keep
+    paths, volumes = write_outputs(res.labelmap, t2.affine, name or strip_nifti_ext(t2_path.name), output_dir,
+                                   res.probabilities if probabilities else None)
+    info = {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
             "seconds": round(time.perf_counter() - t0, 2), "cord_found": res.cord_found, "timings": res.timings}
+    if registration is not None:
+        info["t1_registration"] = registration
+    return info
 
 
 @dataclass
@@ -76,6 +114,8 @@ class BatchRunner:
     dataset_dir: str
     output_dir: str
     exit_on_error: bool = True
+    probabilities: bool = False
+    register_t1: bool = False
     rank: int = 0
     world_size: int = 1
     results: dict = field(default_factory=dict)
@@ -88,7 +128,8 @@ class BatchRunner:
         cases = cases[self.rank :: self.world_size]  # torchrun: each rank its own share
         for i, case in enumerate(cases, 1):
             try:
-                info = segment_case(self.cascade, case.t2, case.t1, self.output_dir, case.name)
+                info = segment_case(self.cascade, case.t2, case.t1, self.output_dir, case.name,
+                                    probabilities=self.probabilities, register_t1=self.register_t1)
             except InputError as exc:
                 self.errors[case.name] = str(exc)
                 log.error("[%d/%d] %s: FAILED: %s", i, len(cases), case.name, exc)

@@ -195,11 +195,17 @@ class PatchDataset(torch.utils.data.Dataset):
     """``samples`` random training patches per epoch, read from the cached cases at each access
     (nothing held in memory). Stage 1: crops of the localiser's field around the cord; stage 2:
     lesion-centred patches inside the cord box; stage 0: the same over the whole field (the
-    single-network baseline). Random affine augmentation per sample."""
+    single-network baseline). Random affine augmentation per sample.
 
-    def __init__(self, files, stage: int, patch, samples: int = 100, augment_prob: float = 0.5, p_lesion: float = 0.67):
+    ``t1_dropout``: probability that a stage-2 sample's T1w channel is replaced by zeros (modality
+    dropout); 1.0 trains the T2w-only network that ``--t2-only`` runs (a constant channel is zero
+    after the network's per-patch z-scoring, exactly what inference feeds when T1w is absent)."""
+
+    def __init__(self, files, stage: int, patch, samples: int = 100, augment_prob: float = 0.5, p_lesion: float = 0.67,
+                 t1_dropout: float = 0.0):
         self.files, self.stage, self.patch = list(files), int(stage), tuple(int(p) for p in patch)
         self.samples, self.augment_prob, self.p_lesion = int(samples), float(augment_prob), float(p_lesion)
+        self.t1_dropout = float(t1_dropout)
 
     def __len__(self) -> int:
         return self.samples
@@ -211,16 +217,19 @@ class PatchDataset(torch.utils.data.Dataset):
             x, y = stage1_sample(f, rng, self.patch)
         else:  # stage 2, or stage 0: one network on the whole field (no cascade)
             x, y = stage2_sample(f, rng, self.patch, self.p_lesion, crop_to_cord=self.stage == 2)
+            if self.t1_dropout > 0 and rng.random() < self.t1_dropout:
+                x[1] = 0.0
         xt, yt = _augment(torch.from_numpy(x)[None], torch.from_numpy(y)[None], rng, self.augment_prob)
         return {"image": xt[0], "label": yt[0]}
 
 
 class ValidationDataset(torch.utils.data.Dataset):
     """Whole validation inputs as the cascade sees them: the localiser's field (stage 1) or the
-    [T2w, T1w] crop of the cord box (stage 2), with their targets."""
+    [T2w, T1w] crop of the cord box (stage 2), with their targets (``t2_only``: T1w zeroed, as
+    inference without T1w sees it)."""
 
-    def __init__(self, files, stage: int):
-        self.files, self.stage = list(files), int(stage)
+    def __init__(self, files, stage: int, t2_only: bool = False):
+        self.files, self.stage, self.t2_only = list(files), int(stage), bool(t2_only)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -233,6 +242,8 @@ class ValidationDataset(torch.utils.data.Dataset):
             d = np.load(f)
             sl = stage2_region(d, crop_to_cord=self.stage == 2)
             x, y = np.stack([d["t2"][sl], d["t1"][sl]]), stage2_target(d["label"][sl])
+            if self.t2_only:
+                x[1] = 0.0
         return {"image": torch.from_numpy(np.ascontiguousarray(x)), "label": torch.from_numpy(np.ascontiguousarray(y))}
 
 
