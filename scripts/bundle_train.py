@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +28,25 @@ def start_bundle_training(log: Path, threads: int, **overrides) -> tuple[subproc
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.Popen(cmd, cwd=BUNDLE, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     return proc, cmd
+
+
+# ---- reading a bundle training log (console format of configs/logging.conf) ----
+
+
+def parse_log(text: str) -> dict:
+    """Per-epoch training loss (mean of the iterations) and validation Dice from a bundle log."""
+    epochs: dict[int, list[float]] = {}
+    for ep, loss in re.findall(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- train_loss: ([0-9.eE+-]+)", text):
+        epochs.setdefault(int(ep), []).append(float(loss))
+    val = [(int(e), float(d)) for e, d in re.findall(r"Epoch\[(\d+)\] Metrics -- val_mean_dice: ([0-9.]+)", text)]
+    return {"train_loss_per_epoch": {e: round(sum(v) / len(v), 4) for e, v in sorted(epochs.items())},
+            "val_mean_dice": val, "best_val_mean_dice": max((d for _, d in val), default=None),
+            "epochs_done": max(epochs, default=0)}
+
+
+def seconds_per_iteration(log: str) -> float:
+    stamps = [dt.datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t in re.findall(r"^(\S+ \S+) - INFO - Epoch: \d+/\d+, Iter:", log, re.M)]
+    if len(stamps) < 2:
+        return float("nan")
+    gaps = sorted(b.timestamp() - a.timestamp() for a, b in zip(stamps, stamps[1:]))
+    return float(gaps[len(gaps) // 2])  # median: validation pauses between epochs are left out

@@ -15,10 +15,8 @@ measured seconds per patch) and inference time per case.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -29,15 +27,7 @@ BUNDLE = ROOT / "bundle"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bundle_train import start_bundle_training  # noqa: E402
-
-
-def seconds_per_iteration(log: str) -> float:
-    stamps = [dt.datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t in re.findall(r"^(\S+ \S+) - INFO - Epoch: \d+/\d+, Iter:", log, re.M)]
-    if len(stamps) < 2:
-        return float("nan")
-    gaps = np.diff([s.timestamp() for s in stamps])
-    return float(np.median(gaps))  # median: validation pauses between epochs are left out
+from bundle_train import seconds_per_iteration, start_bundle_training  # noqa: E402
 
 
 def patches_per_pass(files, crop_to_cord: bool, roi=(128, 128, 32), stride=(64, 64, 32)) -> int:

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,18 +26,7 @@ BUNDLE = ROOT / "bundle"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bundle_train import start_bundle_training  # noqa: E402
-
-
-def parse_log(text: str) -> dict:
-    """Per-epoch training loss (mean of the iterations) and validation Dice from a bundle log."""
-    epochs: dict[int, list[float]] = {}
-    for ep, loss in re.findall(r"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- train_loss: ([0-9.eE+-]+)", text):
-        epochs.setdefault(int(ep), []).append(float(loss))
-    val = [(int(e), float(d)) for e, d in re.findall(r"Epoch\[(\d+)\] Metrics -- val_mean_dice: ([0-9.]+)", text)]
-    return {"train_loss_per_epoch": {e: round(sum(v) / len(v), 4) for e, v in sorted(epochs.items())},
-            "val_mean_dice": val, "best_val_mean_dice": max((d for _, d in val), default=None),
-            "epochs_done": max(epochs, default=0)}
+from bundle_train import parse_log, start_bundle_training  # noqa: E402
 
 
 def main(argv=None) -> int:

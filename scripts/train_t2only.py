@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bundle_train import start_bundle_training  # noqa: E402
-from train_shipped import parse_log  # noqa: E402
+from bundle_train import parse_log, start_bundle_training  # noqa: E402
 
 KEYS = ("whole-tumor", "tumor", "edema", "cavity")
 
