@@ -21,7 +21,7 @@ from .cascade import Cascade
 from .geometry import to_working
 from .io import InputError, load_volume
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
-from .metrics import box_coverage, case_metrics, dice
+from .metrics import box_counts, case_metrics, dice
 from .runner import write_outputs
 
 log = logging.getLogger("imsct")
@@ -51,9 +51,9 @@ def evaluate_case(cascade: Cascade, case: Case) -> tuple[dict, object]:
     row.update(case_metrics(res.labelmap, truth, t2.voxel_volume_mm3))
     wt_w = to_working((truth > 0).astype(np.uint8), t2.affine, res.working_shape, res.working_affine, label=True) > 0
     lo, hi = res.box_working
-    row["box_lesion_coverage"] = box_coverage(wt_w, lo, hi)
-    row["box_lesion_voxels_in"] = int(np.count_nonzero(wt_w[tuple(slice(a, b) for a, b in zip(lo, hi))]))
-    row["box_lesion_voxels"] = int(np.count_nonzero(wt_w))
+    inside, total = box_counts(wt_w, lo, hi)
+    row["box_lesion_coverage"] = inside / total if total else 1.0
+    row["box_lesion_voxels_in"], row["box_lesion_voxels"] = inside, total
     if CORD_BOX_SUFFIX in case.labels:
         sc = load_volume(case.labels[CORD_BOX_SUFFIX], "cord mask").data > 0.5
         sc_w = to_working(sc.astype(np.uint8), t2.affine, res.working_shape, res.working_affine, label=True) > 0

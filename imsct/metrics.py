@@ -71,13 +71,16 @@ def detection_rates(pred: np.ndarray, truth: np.ndarray, voxel_mm3: float, min_o
     return tpr, fpr, nt, np_
 
 
+def box_counts(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[int, int]:
+    """Voxels of ``mask`` inside the box ``[lo, hi)``, and in all."""
+    inside = int(np.count_nonzero(mask[tuple(slice(a, b) for a, b in zip(lo, hi))]))
+    return inside, int(np.count_nonzero(mask))
+
+
 def box_coverage(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
     """Share of the voxels of ``mask`` that lie inside the box ``[lo, hi)``; 1.0 for an empty mask."""
-    total = int(np.count_nonzero(mask))
-    if total == 0:
-        return 1.0
-    inside = int(np.count_nonzero(mask[tuple(slice(a, b) for a, b in zip(lo, hi))]))
-    return inside / total
+    inside, total = box_counts(mask, lo, hi)
+    return inside / total if total else 1.0
 
 
 def case_metrics(pred_labelmap: np.ndarray, truth_labelmap: np.ndarray, voxel_mm3: float) -> dict[str, float]:
