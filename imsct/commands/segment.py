@@ -183,8 +183,11 @@ def run(args: argparse.Namespace) -> int:
     if not info.get("cord_found", True):
         print(f"imsct segment: warning: no spinal cord found on {t2}; the whole field was segmented", file=sys.stderr)
     print(f"T2w {t2.resolve()}" + (f"\nT1w {t1.resolve()}" if t1 is not None else " (T2w-only model)"))
-    if "t1_registration" in info:
-        print(f"T1w registered to T2w: {info['t1_registration']}")
+    reg = info.get("t1_registration")
+    if reg:
+        t = [row[3] for row in reg.get("transform", [[0] * 4] * 3)[:3]]
+        print(f"T1w registered onto T2w (affine, {reg.get('metric', 'metric')} {reg.get('metric_value', float('nan')):.4g}; "
+              f"translation {', '.join(f'{v:.1f}' for v in t)} mm; {reg.get('seconds', 0):.1f} s)")
     print("outputs:")
     width = max(len(k) for k in outputs)
     for k, p in outputs.items():
