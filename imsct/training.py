@@ -17,7 +17,7 @@ import torch
 
 from .bids import Case, find_cases
 from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
-from .geometry import WORKING_SPACING, resample, to_working, working_grid
+from .geometry import WORKING_SPACING, crop_or_pad, resample, to_working, working_grid
 from .io import load_volume
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 
@@ -78,23 +78,14 @@ def _random_crop(arrays: list[np.ndarray], size, rng: np.random.Generator, centr
 
 def stage1_sample(npz: Path, rng: np.random.Generator, crop=(256, 128, 32)) -> tuple[np.ndarray, np.ndarray]:
     d = np.load(npz)
-    x, offset = stage1_input(d["t2"])
-    y, _ = stage1_input_like(d["cord"], offset)
+    x, _ = stage1_input(d["t2"])
+    y, _ = crop_or_pad(d["cord"][None].astype(np.float32), STAGE1_FIELD, 0.0)  # the same crop / pad as the image
     if crop is None or tuple(crop) == STAGE1_FIELD:
         return x, y
     idx = np.argwhere(y[0] > 0)
     centre = idx[rng.integers(len(idx))] if len(idx) and rng.random() < 0.8 else None
     x, y = _random_crop([x, y], crop, rng, centre)
     return x, y
-
-
-def stage1_input_like(mask: np.ndarray, offset: np.ndarray, field_size=STAGE1_FIELD) -> tuple[np.ndarray, np.ndarray]:
-    """A mask cropped / padded exactly as :func:`stage1_input` crops its image."""
-    from .geometry import crop_or_pad
-
-    out, off = crop_or_pad(mask[None].astype(np.float32), field_size, 0.0)
-    assert np.array_equal(off, offset)
-    return out, off
 
 
 def stage2_region(d, crop_to_cord: bool = True) -> tuple[slice, ...]:
