@@ -1,0 +1,143 @@
+"""Start a throw-away Orthanc (with its DICOMweb plugin) for tests.
+
+``with OrthancServer(tmp_dir) as orthanc: orthanc.dicomweb_url`` runs ``/usr/sbin/Orthanc`` with a
+generated configuration in ``tmp_dir``: HTTP on a free loopback port, DICOM protocol off, no
+authentication, remote access refused, storage inside ``tmp_dir``. It waits for ``/system`` to
+answer and raises with Orthanc's log when the server does not come up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc", "/usr/lib/x86_64-linux-gnu/orthanc")
+
+
+def orthanc_binary() -> str | None:
+    for c in ORTHANC_CANDIDATES:
+        if os.access(c, os.X_OK):
+            return c
+    return shutil.which("Orthanc")
+
+
+def dicomweb_plugin() -> str | None:
+    for d in PLUGIN_DIRS:
+        p = Path(d) / "libOrthancDicomWeb.so"
+        if p.exists():
+            return str(p)
+    return None
+
+
+def missing_reason() -> str | None:
+    """Why Orthanc tests cannot run here (None when they can)."""
+    if not orthanc_binary():
+        return "Orthanc binary not installed (Debian package 'orthanc'; .ci/run installs it)"
+    if not dicomweb_plugin():
+        return "Orthanc DICOMweb plugin not installed (Debian package 'orthanc-dicomweb')"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OrthancServer:
+    def __init__(self, workdir: str | os.PathLike, start_timeout: float = 60.0):
+        self.workdir = Path(workdir)
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = self.workdir / "orthanc.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def _config(self) -> dict:
+        return {
+            "Name": "IMSCT-test",
+            "StorageDirectory": str(self.workdir / "db"),
+            "IndexDirectory": str(self.workdir / "db"),
+            "HttpPort": self.port,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": False,
+            "DicomPort": free_port(),  # unused (DICOM server off) but must not clash if enabled
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "StorageCompression": False,
+            "ConcurrentJobs": 1,
+            "HttpThreadsCount": 8,
+            "Plugins": [dicomweb_plugin()],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                         "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+        }
+
+    def start(self) -> "OrthancServer":
+        reason = missing_reason()
+        if reason:
+            raise RuntimeError(reason)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        last_log = ""
+        for _attempt in range(3):  # a free port can be taken between probing and binding
+            self.port = free_port()
+            cfg = self.workdir / "orthanc.json"
+            cfg.write_text(json.dumps(self._config(), indent=1))
+            log = open(self.log_path, "w")
+            self.proc = subprocess.Popen([orthanc_binary(), "--verbose", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.workdir, start_new_session=True)
+            log.close()
+            deadline = time.monotonic() + self.start_timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    if requests.get(f"{self.url}/system", timeout=2).ok:
+                        return self
+                except requests.RequestException:
+                    pass
+                time.sleep(0.2)
+            last_log = self.log_path.read_text(errors="replace")
+            self.stop()
+        raise RuntimeError(f"Orthanc did not start (config {self.workdir / 'orthanc.json'}); its log:\n{last_log[-6000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> "OrthancServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # convenience -----------------------------------------------------------------------------
+    def upload(self, files) -> int:
+        """Store DICOM files through Orthanc's REST API (POST /instances); returns how many."""
+        n = 0
+        for f in files:
+            r = requests.post(f"{self.url}/instances", data=Path(f).read_bytes(), timeout=30)
+            if not r.ok:
+                raise RuntimeError(f"Orthanc refused {f}: {r.status_code} {r.text[:300]}")
+            n += 1
+        return n

@@ -1,0 +1,138 @@
+"""A real Orthanc (DICOMweb plugin) as IMSCT's datastore: phantom studies stored by STOW-RS, found by
+QIDO-RS (Modality MR, T2w series only), retrieved by WADO-RS, T1w fetched from the same study, final
+labels stored back as DICOM SEG with the IMSCT segments."""
+
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+from dicomweb_client import DICOMwebClient
+
+from imsct import dicom
+from imsct.io import Volume, load_volume, save_volume
+from imsct.labels import COLOURS, LABELS
+
+from orthanc_server import OrthancServer, missing_reason
+from test_dicom import assert_same_image, phantom_labelmap
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "apps" / "imsct_label"
+
+pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))
+
+
+def app_dicomweb():
+    """The app's lib.dicomweb, imported the way MONAI Label imports the app (app folder on sys.path)."""
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib import dicomweb
+
+    return dicomweb
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, phantom_dir):
+    """Orthanc holding the two phantom studies, plus a study with a T2w series and no T1w."""
+    work = tmp_path_factory.mktemp("orthanc")
+    studies = dicom.bids_to_dicom(phantom_dir, work / "dicom")
+    t2 = load_volume(phantom_dir / "sub-002" / "anat" / "sub-002_T2w.nii.gz")
+    lone = dicom.volume_to_series(t2, work / "dicom" / "lone", patient_id="sub-lone",
+                                  series_description=dicom.T2W_DESCRIPTION, series_number=1)
+    with OrthancServer(work / "server") as server:
+        client = DICOMwebClient(server.dicomweb_url)
+        for s in studies:  # STOW-RS, one study at a time
+            client.store_instances([pydicom.dcmread(f) for f in s.files])
+        server.upload(lone)  # REST upload
+        server.studies = studies
+        server.lone_t2 = str(pydicom.dcmread(lone[0], stop_before_pixels=True).SeriesInstanceUID)
+        yield server
+
+
+def test_qido_finds_mr_series(orthanc):
+    client = DICOMwebClient(orthanc.dicomweb_url)
+    mr = client.search_for_series(search_filters={"Modality": "MR"}, fields=["SeriesDescription"])
+    descriptions = sorted(str(s["0008103E"]["Value"][0]) for s in mr)
+    assert descriptions == ["T1w Gd", "T1w Gd", "T2w", "T2w", "T2w"]
+    assert client.search_for_series(search_filters={"Modality": "CT"}) == []
+
+
+@pytest.fixture(scope="module")
+def datastore(orthanc, tmp_path_factory):
+    dw = app_dicomweb()
+    from monailabel.datastore.dicom import DICOMwebClientX
+
+    client = DICOMwebClientX(url=orthanc.dicomweb_url, session=None, qido_url_prefix=None, wado_url_prefix=None, stow_url_prefix=None)
+    return dw.ImsctDICOMWebDatastore(client, cache_path=str(tmp_path_factory.mktemp("dwcache")))
+
+
+def test_datastore_lists_t2_series_only(orthanc, datastore):
+    want = {s.t2_series_uid for s in orthanc.studies} | {orthanc.lone_t2}
+    assert set(datastore.list_images()) == want
+
+
+def test_make_datastore_uses_mr_filter(orthanc, tmp_path, monkeypatch):
+    dw = app_dicomweb()
+    from monailabel.config import settings
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path))
+    ds = dw.make_datastore(orthanc.dicomweb_url + "/", {"dicomweb_t2_description": "t1w gd"})
+    assert ds._search_filter == {"Modality": "MR"}
+    assert set(ds.list_images()) == {s.t1_series_uid for s in orthanc.studies}
+    assert ds._datastore_path.startswith(str(tmp_path))
+
+
+def test_image_and_t1_come_back_as_nifti(phantom_dir, orthanc, datastore):
+    dw = app_dicomweb()
+    s = orthanc.studies[0]
+    image = load_volume(datastore.get_image_uri(s.t2_series_uid))
+    sub = phantom_dir / s.patient_id / "anat"
+    slope2 = float(pydicom.dcmread(s.files[0], stop_before_pixels=True).RescaleSlope)
+    assert_same_image(image, load_volume(sub / f"{s.patient_id}_T2w.nii.gz"), tol=slope2 / 2 + 1e-2)
+    t1_path = dw.fetch_t1(datastore, s.t2_series_uid)
+    assert t1_path.endswith(f"{s.t2_series_uid}.nii.gz")
+    slope1 = float(pydicom.dcmread(s.files[-1], stop_before_pixels=True).RescaleSlope)
+    assert_same_image(load_volume(t1_path), load_volume(sub / f"{s.patient_id}_T1w.nii.gz"), tol=slope1 / 2 + 1e-3)
+    assert dw.fetch_t1(datastore, s.t2_series_uid) == t1_path  # cached
+
+
+def test_fetch_t1_missing_is_a_clear_error(orthanc, datastore):
+    dw = app_dicomweb()
+    from lib.contrasts import MissingContrast
+
+    with pytest.raises(MissingContrast, match=r"has no MR series described 'T1w Gd'.*\['T2w'\]"):
+        dw.fetch_t1(datastore, orthanc.lone_t2)
+    with pytest.raises(MissingContrast, match="not found"):
+        dw.fetch_t1(datastore, "1.2.3.4.5.6.7")
+
+
+def test_final_label_saved_as_dicom_seg(phantom_dir, orthanc, datastore, tmp_path):
+    s = orthanc.studies[1]
+    image = load_volume(datastore.get_image_uri(s.t2_series_uid))
+    # the phantom's labels, brought onto the grid of the image as the datastore serves it
+    lm = phantom_labelmap(phantom_dir, s.patient_id)
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.Nifti1Image(lm.data, lm.affine))
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.io_orientation(image.affine))
+    data = nib.orientations.apply_orientation(np.asarray(img.dataobj), ornt)
+    label = Volume(data, image.affine, "label")
+    assert_same_image(label, lm, tol=0)
+    label_file = save_volume(label.data, label.affine, tmp_path / "label.nii.gz")
+    datastore.save_label(s.t2_series_uid, str(label_file), "final", {"model": "imsct"})
+
+    client = DICOMwebClient(orthanc.dicomweb_url)
+    segs = client.search_for_series(search_filters={"Modality": "SEG"})
+    assert len(segs) == 1
+    seg = segs[0]
+    assert seg["0020000D"]["Value"] == [s.study_uid]
+    ds = client.retrieve_series(s.study_uid, seg["0020000E"]["Value"][0])[0]
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == s.t2_series_uid
+    path = tmp_path / "seg.dcm"
+    ds.save_as(path)
+    got = dicom.seg_segments(path)
+    assert [(g.number, g.label) for g in got] == [(i, n) for n, i in LABELS.items()]
+    assert all(max(abs(a - b) for a, b in zip(g.rgb, COLOURS[g.label])) <= 1 for g in got)
+    assert_same_image(dicom.read_seg(path), lm, tol=0)
+    # the datastore now reports the T2w series as labelled
+    assert s.t2_series_uid in datastore.get_labeled_images()
