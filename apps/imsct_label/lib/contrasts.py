@@ -64,4 +64,4 @@ def t1_destination(datastore, image_id: str, uploaded_name: str) -> Path:
     return local_root(datastore) / T1_DIR / f"{image_id}{ext}"
 
 
-__all__ = ["t1_path", "MissingContrast", "T1_DIR", "is_dicomweb"]
+__all__ = ["t1_path", "MissingContrast", "T1_DIR", "is_dicomweb", "local_t1_candidates", "t1_destination"]

@@ -1,0 +1,104 @@
+"""Active learning: which unlabelled case should an annotator correct next.
+
+``uncertainty`` ranks the unlabelled cases by Monte-Carlo dropout on the cascade (Gal and
+Ghahramani 2016): the stage-2 network keeps its dropout layers (p = 0.3 in every context module)
+active for ``mc_samples`` passes over the stage-1 box, and a case's score is the voxel-wise
+variance of the four sigmoid outputs across passes, averaged over the box. A case whose T1w is
+missing cannot be scored and is listed under ``skipped``.
+
+Scores are cached in each image's info (``"uncertainty"``), keyed by the served weights: a retrained
+model makes every score stale, and the next request recomputes them. The stage-1 box found by an
+earlier cascade inference with the same localiser is reused (stage 1 is deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from imsct.cascade import Cascade, cord_box
+from imsct.geometry import resample, working_grid
+from imsct.io import InputError, Volume, load_volume
+
+from .contrasts import MissingContrast, t1_path
+from .infer import remember_box
+from .models import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+def mc_dropout_score(cascade: Cascade, t2: Volume, t1: Volume, samples: int, box=None, seed: int = 0) -> tuple[float, tuple]:
+    """Mean voxel variance of stage 2's outputs over ``samples`` dropout passes inside the stage-1
+    box (found here when ``box`` is None). Returns the score and the box."""
+    w_shape, w_aff = working_grid(t2.affine, t2.shape, cascade.spacing)
+    t2w = resample(t2.data, t2.affine, w_shape, w_aff).numpy()
+    if box is None:
+        box = cord_box(cascade.localise(t2w), w_shape, cascade.safety_factor, tuple(cascade.inferer.roi_size))
+        if box is None:  # no cord found: the cascade segments the whole field, so does this
+            box = (np.zeros(3, int), np.asarray(w_shape))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(*box))
+    crop = np.stack([t2w[sl], resample(t1.data, t1.affine, w_shape, w_aff).numpy()[sl]])
+    dropouts = [m for m in cascade.segmenter.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    if not dropouts:
+        raise InputError("the stage-2 network has no dropout layer: Monte-Carlo dropout is not possible")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for m in dropouts:
+            m.train()
+        runs = np.stack([cascade.segment_crop(crop) for _ in range(samples)])
+    finally:
+        for m in dropouts:
+            m.eval()
+        torch.random.set_rng_state(state)
+    return float(runs.var(axis=0).mean()), box
+
+
+class MCDropoutUncertainty(Strategy):
+    """Most uncertain unlabelled case first (Monte-Carlo dropout on the cascade)."""
+
+    def __init__(self, store: ModelStore, samples: int = 4):
+        super().__init__(f"Most uncertain unlabelled case: Monte-Carlo dropout ({samples} passes of stage 2 in the stage-1 box)")
+        self.store, self.samples = store, samples
+
+    def score(self, datastore, image_id: str) -> float:
+        info = datastore.get_image_info(image_id)
+        version = self.store.version_key()
+        cached = info.get("uncertainty") or {}
+        if cached.get("model") == version and cached.get("samples") == self.samples:
+            return float(cached["score"])
+        t2 = load_volume(datastore.get_image_uri(image_id), "T2w")
+        t1 = load_volume(t1_path(datastore, image_id), "T1w")
+        with self.store.lock:
+            cascade = self.store.cascade()
+            loc_sha = self.store.version()["localiser.pt"]["sha256"]
+            b = info.get("imsct_stage1_box") or {}
+            box = (np.asarray(b["lo"]), np.asarray(b["hi"])) if b.get("localiser") == loc_sha else None
+            t0 = time.perf_counter()
+            score, box_used = mc_dropout_score(cascade, t2, t1, self.samples, box)
+        if box is None:
+            remember_box(datastore, image_id, box_used, loc_sha)
+        datastore.update_image_info(image_id, {"uncertainty": {
+            "score": score, "model": version, "samples": self.samples, "seconds": round(time.perf_counter() - t0, 2)}})
+        return score
+
+    def __call__(self, request, datastore):
+        images = sorted(datastore.get_unlabeled_images())
+        if not images:
+            return None
+        ranking, skipped = [], {}
+        for image_id in images:
+            try:
+                ranking.append((image_id, self.score(datastore, image_id)))
+            except (InputError, MissingContrast) as exc:
+                skipped[image_id] = str(exc)
+        if not ranking:
+            log.warning("uncertainty: no unlabelled case can be scored: %s", skipped)
+            return None
+        ranking.sort(key=lambda r: -r[1])
+        return {"id": ranking[0][0], "uncertainty_score": ranking[0][1],
+                "ranking": [{"id": i, "score": s} for i, s in ranking], "skipped": skipped}

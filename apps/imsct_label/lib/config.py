@@ -1,0 +1,108 @@
+"""The app's options (``--conf KEY VALUE`` of ``monailabel start_server``), checked once.
+
+A bad value stops the app at start with a message naming the key, the value and what is expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULTS = {
+    "models_dir": "",  # served weights; default <studies>/.imsct/models (seeded from shipped_models)
+    "state_dir": "",  # retraining state (split, rounds, caches); default <studies>/.imsct/state
+    "shipped_models": "",  # default <repository>/bundle/models
+    "device": "",  # default: cuda when available, else cpu
+    "retrain_after": "5",  # new final labels that start a background retraining round (0: never)
+    "retrain_models": "tumour",  # trainers started by that trigger, comma-separated (tumour, localiser)
+    "train_iterations": "50",
+    "train_batch_size": "2",
+    "tumour_patch": "128,128,32",
+    "localiser_patch": "256,128,32",
+    "gate_tolerance": "0.02",  # largest allowed drop of whole-tumour Dice on earlier centres' validation cases
+    "replay": "0.5",
+    "ewc_lambda": "10000",
+    "mc_samples": "4",  # Monte-Carlo dropout passes of the uncertainty strategy
+}
+TRAINERS = ("tumour", "localiser")
+
+
+class ConfError(ValueError):
+    pass
+
+
+def _number(conf, key, kind=int, lo=0):
+    try:
+        v = kind(conf[key])
+    except ValueError:
+        raise ConfError(f"--conf {key} {conf[key]!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if v < lo:
+        raise ConfError(f"--conf {key} {v}: must be at least {lo}")
+    return v
+
+
+def _patch(conf, key):
+    try:
+        p = tuple(int(x) for x in str(conf[key]).split(","))
+    except ValueError:
+        p = ()
+    if len(p) != 3 or any(x < 16 or x % 16 for x in p):
+        raise ConfError(f"--conf {key} {conf[key]!r}: expected three multiples of 16, e.g. 128,128,32")
+    return p
+
+
+@dataclass
+class AppConfig:
+    models_dir: Path
+    state_dir: Path
+    shipped_models: Path
+    device: str
+    retrain_after: int
+    retrain_models: tuple[str, ...]
+    train_iterations: int
+    train_batch_size: int
+    tumour_patch: tuple[int, int, int]
+    localiser_patch: tuple[int, int, int]
+    gate_tolerance: float
+    replay: float
+    ewc_lambda: float
+    mc_samples: int
+
+    @classmethod
+    def from_conf(cls, conf: dict | None, app_dir: str, studies: str) -> "AppConfig":
+        unknown = sorted(set(conf or {}) - set(DEFAULTS) - {"server_mode"})
+        if unknown:
+            import logging
+
+            logging.getLogger(__name__).warning("unknown --conf keys ignored: %s (known: %s)", unknown, sorted(DEFAULTS))
+        c = {**DEFAULTS, **{k: str(v) for k, v in (conf or {}).items()}}
+        if studies.startswith(("http://", "https://")):  # remote datastore: keep the state beside the app
+            base = Path(app_dir) / "model" / hashlib.sha256(studies.encode()).hexdigest()[:12]
+        else:
+            base = Path(studies) / ".imsct"
+        device = c["device"]
+        if not device:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        models = tuple(m.strip() for m in c["retrain_models"].split(",") if m.strip())
+        bad = [m for m in models if m not in TRAINERS]
+        if bad:
+            raise ConfError(f"--conf retrain_models {c['retrain_models']!r}: unknown trainer(s) {bad}; choose from {list(TRAINERS)}")
+        return cls(
+            models_dir=Path(c["models_dir"]) if c["models_dir"] else base / "models",
+            state_dir=Path(c["state_dir"]) if c["state_dir"] else base / "state",
+            shipped_models=Path(c["shipped_models"]) if c["shipped_models"] else Path(app_dir).resolve().parents[1] / "bundle" / "models",
+            device=device,
+            retrain_after=_number(c, "retrain_after"),
+            retrain_models=models,
+            train_iterations=_number(c, "train_iterations", int, 1),
+            train_batch_size=_number(c, "train_batch_size", int, 1),
+            tumour_patch=_patch(c, "tumour_patch"),
+            localiser_patch=_patch(c, "localiser_patch"),
+            gate_tolerance=_number(c, "gate_tolerance", float),
+            replay=_number(c, "replay", float),
+            ewc_lambda=_number(c, "ewc_lambda", float),
+            mc_samples=_number(c, "mc_samples", int, 2),
+        )

@@ -1,0 +1,77 @@
+"""The local folder datastore with a second contrast per case.
+
+Uploads (``PUT /datastore/image``, ``MONAILabelClient.upload_image``) take a ``contrast`` param:
+
+* ``{"contrast": "T1w"}`` stores the file as the Gd-T1w of ``image`` (``DIR/T1w/<id>.nii.gz``); it
+  does not become a datastore image of its own;
+* anything else (default ``T2w``) adds the case's T2w as the datastore image; a ``centre`` param
+  (default ``"default"``) is kept in the image info and used by retraining's per-centre split.
+
+Every upload is read as NIfTI first (a bad file is refused with HTTP 422 naming the problem), and an
+existing image or T1w is never replaced unless ``{"overwrite": true}`` is given (HTTP 409).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
+
+from imsct.io import InputError, load_volume
+
+from .contrasts import local_t1_candidates, t1_destination
+
+log = logging.getLogger(__name__)
+
+CONTRASTS = {"t2w": "T2w", "t1w": "T1w"}
+
+
+def _truthy(v) -> bool:
+    return str(v).lower() in ("1", "true", "yes")
+
+
+class TwoContrastDatastore(LocalDatastore):
+    """``LocalDatastore`` whose uploads may carry the case's T1w (see the module docstring)."""
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        info = dict(image_info or {})
+        contrast = CONTRASTS.get(str(info.pop("contrast", "T2w")).lower())
+        if contrast is None:
+            raise HTTPException(422, f"upload of '{image_id}': contrast {image_info.get('contrast')!r} is not T2w or T1w")
+        overwrite = _truthy(info.pop("overwrite", False))
+        try:
+            load_volume(image_filename, f"uploaded {contrast} of '{image_id}'")
+        except InputError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if contrast == "T1w":
+            if not image_id:
+                raise HTTPException(422, "a T1w upload needs the image id of its T2w")
+            existing = [p for p in local_t1_candidates(self, image_id) if p.exists()]
+            if existing and not overwrite:
+                raise HTTPException(409, f"image '{image_id}' already has a T1w ({existing[0]}); pass {{\"overwrite\": true}} to replace it")
+            dest = t1_destination(self, image_id, os.path.basename(image_filename))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=dest.name, dir=dest.parent)
+            os.close(fd)
+            shutil.copyfile(image_filename, tmp)
+            os.replace(tmp, dest)
+            for p in existing:  # a replaced T1w with the other extension
+                if p != dest:
+                    p.unlink(missing_ok=True)
+            log.info("T1w of %s stored at %s", image_id, dest)
+            return image_id
+        if image_id and image_id in self._datastore.objects and not overwrite:
+            raise HTTPException(409, f"image '{image_id}' exists; pass {{\"overwrite\": true}} to replace its T2w")
+        info["contrast"] = "T2w"
+        info.setdefault("centre", "default")
+        return super().add_image(image_id, image_filename, info)
+
+    def remove_image(self, image_id: str) -> None:
+        super().remove_image(image_id)
+        for p in local_t1_candidates(self, image_id):
+            Path(p).unlink(missing_ok=True)

@@ -1,0 +1,176 @@
+"""IMSCT MONAI Label app: ``monailabel start_server --app apps/imsct_label --studies DIR --host 127.0.0.1``.
+
+Models ``cascade`` (tumour 1, edema 2, cavity 3), ``localiser`` (cord region) and ``tumour``
+(stage 2 inside the case's saved cord label); trainers ``tumour`` and ``localiser``; strategies
+``random``, ``first``, ``uncertainty``; scoring ``dice``. See README.md beside this file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import file_checksum
+
+from imsct.labels import COLOURS, LABELS
+
+from lib.activelearning import MCDropoutUncertainty
+from lib.config import AppConfig
+from lib.contrasts import T1_DIR
+from lib.datastore import TwoContrastDatastore
+from lib.infer import CascadeInfer, LocaliserInfer, TumourInfer
+from lib.models import ModelStore, seed_models
+from lib.scoring import MulticlassDice, score_image
+from lib.train import StageTrainer
+
+log = logging.getLogger(__name__)
+
+FINAL = DefaultLabelTag.FINAL.value
+TUMOUR_MODELS = ("cascade", "tumour")  # models whose output is a tumour label map (kept as 'original')
+
+
+class IMSCTApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.cfg = AppConfig.from_conf(conf, app_dir, studies)
+        seed_models(self.cfg.models_dir, self.cfg.shipped_models)
+        self.store = ModelStore(self.cfg.models_dir, device=self.cfg.device)
+        self._retrain_lock = threading.Lock()
+        super().__init__(
+            app_dir=app_dir, studies=studies, conf=conf, name="IMSCT",
+            description="Intramedullary spinal cord tumour segmentation (T2w + Gd-T1w cascade) with active learning and retraining",
+            version="1.0", labels=dict(LABELS),
+        )
+
+    # ---- datastore -----------------------------------------------------------------------------
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return TwoContrastDatastore(
+            self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD, read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_remote_datastore(self):
+        """DICOMweb: ``lib/dicomweb.py`` may provide ``init_datastore(app)``; else MONAI Label's own."""
+        try:
+            from lib import dicomweb
+        except ModuleNotFoundError as exc:
+            if exc.name != "lib.dicomweb":
+                raise
+            dicomweb = None
+        if dicomweb is not None and hasattr(dicomweb, "init_datastore"):
+            return dicomweb.init_datastore(self)
+        return super().init_remote_datastore()
+
+    # ---- tasks -----------------------------------------------------------------------------------
+
+    def init_infers(self):
+        return {
+            "cascade": CascadeInfer(self.store, self.datastore),
+            "localiser": LocaliserInfer(self.store, self.datastore),
+            "tumour": TumourInfer(self.store, self.datastore),
+        }
+
+    def init_trainers(self):
+        return {name: StageTrainer(name, self.cfg) for name in ("tumour", "localiser")}
+
+    def init_strategies(self):
+        return {"random": Random(), "first": First(), "uncertainty": MCDropoutUncertainty(self.store, self.cfg.mc_samples)}
+
+    def init_scoring_methods(self):
+        return {"dice": MulticlassDice()}
+
+    def info(self):
+        out = super().info()
+        out["label_colors"] = {k: list(v) for k, v in COLOURS.items()}
+        out["imsct"] = {
+            "models_dir": str(self.cfg.models_dir),
+            "t1_convention": f"<studies>/{T1_DIR}/<image id>.nii.gz (upload with params {{\"contrast\": \"T1w\"}})",
+            "retrain_after": self.cfg.retrain_after,
+            "retrain_models": list(self.cfg.retrain_models),
+            "new_final_labels": len(self._label_state().get("pending", [])),
+        }
+        return out
+
+    # ---- inference -------------------------------------------------------------------------------
+
+    def infer(self, request, datastore=None):
+        request = dict(request)
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            request["image_id"] = image  # the T1w is looked up by the datastore id
+            if request.get("model") in TUMOUR_MODELS:
+                request.setdefault("save_label", True)  # the model's label is what the final label is scored against
+        return super().infer(request, datastore)
+
+    # ---- scoring and automatic retraining ----------------------------------------------------------
+
+    def async_scoring(self, method, params=None):
+        """Per-class Dice is cheap: computed in a thread of the server, not a new process per call."""
+        if not self._server_mode or not self._scoring_methods:
+            return {}
+        methods = [method] if method else list(self._scoring_methods)
+        for m in methods:
+            threading.Thread(target=self._scoring_methods[m], args=({"method": m}, self.datastore()), daemon=True, name=f"scoring-{m}").start()
+        return {m: "started" for m in methods}
+
+    @contextmanager
+    def _state_file(self):
+        path = self.cfg.state_dir / "app_labels.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = json.loads(path.read_text()) if path.exists() else {"counted": {}, "pending": []}
+            yield state
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, path)
+
+    def _label_state(self) -> dict:
+        path = self.cfg.state_dir / "app_labels.json"
+        return json.loads(path.read_text()) if path.exists() else {"counted": {}, "pending": []}
+
+    def on_save_label(self, image_id, label_id):
+        """After an annotator saves a label: score it against the model's, count new final labels,
+        and start the background retraining once ``retrain_after`` new ones arrived."""
+        res: dict = {}
+        ds = self.datastore()
+        final = ds.get_label_uri(ds.get_label_by_image_id(image_id, FINAL), FINAL) if ds.get_label_by_image_id(image_id, FINAL) else ""
+        if not final:
+            return res
+        dice = score_image(ds, image_id)
+        if dice is not None:
+            res["dice"] = dice
+        digest = file_checksum(final)
+        with self._state_file() as state:
+            if state["counted"].get(image_id) != digest:
+                state["counted"][image_id] = digest
+                if image_id not in state["pending"]:
+                    state["pending"].append(image_id)
+            pending = list(state["pending"])
+            start = self.cfg.retrain_after > 0 and len(pending) >= self.cfg.retrain_after
+            if start:
+                state["pending"] = []
+        res["new_final_labels"] = 0 if start else len(pending)
+        if start:
+            res["retrain"] = self._start_retraining(pending)
+        return res
+
+    def _start_retraining(self, images: list[str]) -> dict:
+        log.info("%d new final label(s) (%s): starting retraining of %s", len(images), images, self.cfg.retrain_models)
+        out = {"after_labels": images}
+        for name in self.cfg.retrain_models:
+            task = self.async_training(name, enqueue=True)
+            out[name] = {k: task.get(k) for k in ("id", "status", "start_ts")} if isinstance(task, dict) else task
+        return out

@@ -1,0 +1,257 @@
+"""End to end: the IMSCT MONAI Label app in a real ``monailabel start_server`` process, driven by
+``monailabel.client.MONAILabelClient`` as the 3D Slicer / OHIF plugins drive it.
+
+One server for the module (tests run in file order and build on each other): two small phantom
+cases (real two-contrast NIfTI, a reduced field of view so that stage 2 needs one window), tiny
+retraining settings (1 iteration on 32x32x16 patches) and a gate tolerance of 1 so that the round
+publishes and the test can check that the new weights are served without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "apps" / "imsct_label"
+
+pytest.importorskip("monailabel.client")
+from monailabel.client import MONAILabelClient  # noqa: E402
+from monailabel.client.client import MONAILabelClientException  # noqa: E402
+
+from imsct.io import load_volume, save_volume  # noqa: E402
+from imsct.labels import COLOURS, LABELS  # noqa: E402
+
+SERVER_START_S = 300
+TRAIN_WAIT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _truth_labelmap(paths: dict, out: Path) -> Path:
+    """The phantom's truth as one 0..3 label map on the T2w grid (what an annotator saves)."""
+    ref = load_volume(paths["_seg-tumor"])
+    lab = np.zeros(ref.shape, np.uint8)
+    for name, value in LABELS.items():
+        lab[load_volume(paths[f"_seg-{name}"]).data > 0.5] = value
+    save_volume(lab, ref.affine, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Two small phantom subjects written in BIDS, with their truth label maps."""
+    from imsct.phantoms import generate_case, write_case
+
+    root = tmp_path_factory.mktemp("label_app_phantoms")
+    out = {}
+    for i in range(2):
+        paths = write_case(generate_case(515151, i, max_voxels=300_000), root / "bids")
+        paths["truth"] = _truth_labelmap(paths, root / f"truth-{i}.nii.gz")
+        out[f"sub-{i + 1:03d}"] = paths
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(cases, tmp_path_factory):
+    """``monailabel start_server`` on a free loopback port; the datastore holds sub-001 (T2w as
+    the image, its T1w in the sibling T1w/ folder); sub-002 is uploaded by a test."""
+    studies = tmp_path_factory.mktemp("studies")
+    (studies / "T1w").mkdir()
+    shutil.copy(cases["sub-001"]["t2"], studies / "sub-001.nii.gz")
+    shutil.copy(cases["sub-001"]["t1"], studies / "T1w" / "sub-001.nii.gz")
+    port = _free_port()
+    log_path = studies.parent / "server.log"
+    conf = {"retrain_after": 2, "train_iterations": 1, "train_batch_size": 1, "tumour_patch": "32,32,16",
+            "gate_tolerance": 1, "mc_samples": 2}
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", str(port)]
+    for k, v in conf.items():
+        cmd += ["--conf", k, str(v)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
+    client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(studies.parent))
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                client.info()
+                break
+            except (MONAILabelClientException, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server did not answer /info in {SERVER_START_S} s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(1)
+        yield {"client": client, "studies": studies, "proc": proc, "log": log_path}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its training subprocesses
+            proc.wait(30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+
+
+def _error(call) -> str:
+    with pytest.raises(MONAILabelClientException) as info:
+        call()
+    return info.value.msg
+
+
+def test_info_lists_models_labels_colours_and_tasks(server):
+    info = server["client"].info()
+    assert set(info["models"]) == {"cascade", "localiser", "tumour"}
+    for name in ("cascade", "tumour"):
+        m = info["models"][name]
+        assert m["labels"] == LABELS
+        assert m["label_colors"] == {k: list(v) for k, v in COLOURS.items()}
+        assert set(m["weights"]) == {"localiser.pt", "model.pt"}
+    assert info["models"]["localiser"]["labels"] == {"cord": 1}
+    assert info["labels"] == LABELS
+    assert set(info["trainers"]) == {"tumour", "localiser"}
+    assert {"random", "first", "uncertainty"} <= set(info["strategies"])
+    assert "dice" in info["scoring"]
+    # the served weights start as the bundle's shipped ones
+    import hashlib
+
+    shipped = hashlib.sha256((ROOT / "bundle" / "models" / "model.pt").read_bytes()).hexdigest()[:16]
+    assert info["models"]["cascade"]["weights"]["model.pt"]["sha256"] == shipped
+
+
+def test_upload_two_contrast_case(server, cases, tmp_path):
+    client, studies = server["client"], server["studies"]
+    c = cases["sub-002"]
+    # the documented way: the T1w first (params contrast=T1w), then the T2w (the datastore image)
+    assert client.upload_image(str(c["t1"]), "sub-002", {"contrast": "T1w"})["image"] == "sub-002"
+    assert client.upload_image(str(c["t2"]), "sub-002", {"centre": "default"})["image"] == "sub-002"
+    objects = client.datastore()["objects"]
+    assert "sub-002" in objects and objects["sub-002"]["image"]["info"]["centre"] == "default"
+    assert (studies / "T1w" / "sub-002.nii.gz").read_bytes() == Path(c["t1"]).read_bytes()
+    assert not any(k.startswith("T1w") for k in objects)  # the T1w is not an image of its own
+
+    # an existing case is not replaced by accident, and a broken file is refused by name
+    msg = _error(lambda: client.upload_image(str(c["t2"]), "sub-002", {}))
+    assert "409" in msg and "overwrite" in msg
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti at all")
+    msg = _error(lambda: client.upload_image(str(bad), "sub-bad", {}))
+    assert "422" in msg and "sub-bad" in msg
+    assert "sub-bad" not in client.datastore()["objects"]
+
+
+def test_case_without_t1w_gets_a_clear_error(server, cases):
+    client = server["client"]
+    client.upload_image(str(cases["sub-001"]["t2"]), "sub-not1", {})
+    msg = _error(lambda: client.infer("cascade", "sub-not1", {}))
+    assert "422" in msg and "T1w" in msg and "sub-not1" in msg
+    assert server["proc"].poll() is None  # no crash
+
+
+def test_infer_cascade_gives_label_map_on_t2w_grid(server, cases):
+    client = server["client"]
+    out, params = client.infer("cascade", "sub-001", {})
+    t2 = nib.load(cases["sub-001"]["t2"])
+    lab = nib.load(out)
+    assert lab.shape == t2.shape
+    assert np.allclose(lab.affine, t2.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2, 3}
+    assert params["label_names"] == LABELS
+    assert params["cord_found"] is True
+    # the model's label is kept as 'original' (what the final label is scored against)
+    assert client.datastore()["objects"]["sub-001"]["labels"]["original"]["info"]["model"] == "cascade"
+
+
+def test_tumour_stage_alone_uses_saved_cord_label(server, cases):
+    client = server["client"]
+    msg = _error(lambda: client.infer("tumour", "sub-002", {}))
+    assert "422" in msg and "cord" in msg
+    client.save_label("sub-002", str(cases["sub-002"]["_sc-mask"]), tag="cord")
+    out, params = client.infer("tumour", "sub-002", {})
+    lab = nib.load(out)
+    assert lab.shape == nib.load(cases["sub-002"]["t2"]).shape
+    assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2, 3}
+    assert params["cord_label"].endswith("sub-002.nii.gz")
+
+
+def test_localiser_alone_gives_cord_region(server, cases):
+    out, params = server["client"].infer("localiser", "sub-002", {})
+    cord = np.asarray(nib.load(out).dataobj)
+    assert cord.shape == nib.load(cases["sub-002"]["t2"]).shape
+    assert set(np.unique(cord).tolist()) <= {0, 1} and cord.any()
+    assert params["label_names"] == {"cord": 1}
+
+
+def test_next_sample_by_each_strategy(server):
+    client = server["client"]
+    unlabelled = {"sub-001", "sub-002", "sub-not1"}
+    assert client.next_sample("first", {})["id"] == "sub-001"
+    assert client.next_sample("random", {})["id"] in unlabelled
+    res = client.next_sample("uncertainty", {})
+    ranked = res["ranking"]
+    assert {r["id"] for r in ranked} == {"sub-001", "sub-002"}  # sub-not1 has no T1w: skipped, named
+    assert "sub-not1" in res["skipped"]
+    scores = [r["score"] for r in ranked]
+    assert scores == sorted(scores, reverse=True) and res["id"] == ranked[0]["id"]
+    assert all(s > 0 for s in scores)  # dropout active: the passes differ
+    # cached per served model: asked again, the same ranking comes back from the image info
+    again = client.next_sample("uncertainty", {})
+    assert again["ranking"] == ranked
+
+
+def test_final_labels_scored_and_retraining_fired(server, cases):
+    client = server["client"]
+    info0 = client.info()
+    sha0 = info0["models"]["cascade"]["weights"]["model.pt"]["sha256"]
+    client.save_label("sub-001", str(cases["sub-001"]["_sc-mask"]), tag="cord")
+    res1 = client.save_label("sub-001", str(cases["sub-001"]["truth"]), tag="final")
+    assert set(res1["dice"]) >= {"tumor", "edema", "cavity", "whole-tumor"}
+    assert res1["new_final_labels"] == 1 and "retrain" not in res1
+    stored = client.datastore()["objects"]["sub-001"]["image"]["info"]["dice"]
+    assert stored["whole-tumor"] == res1["dice"]["whole-tumor"]
+    # the Dice is a real comparison: recompute it from the two files
+    from imsct.metrics import dice
+
+    orig = np.asarray(nib.load(client.download_label("sub-001", "original")).dataobj)
+    truth = np.asarray(nib.load(cases["sub-001"]["truth"]).dataobj)
+    assert stored["whole-tumor"] == pytest.approx(dice(orig > 0, truth > 0), abs=1e-4)
+
+    res2 = client.save_label("sub-002", str(cases["sub-002"]["truth"]), tag="final")
+    assert "tumour" in res2["retrain"]  # the second new final label starts a round
+    deadline = time.monotonic() + TRAIN_WAIT_S
+    while True:
+        st = client.train_status()
+        if st.get("status") not in ("SUBMITTED", "RUNNING"):
+            break
+        assert time.monotonic() < deadline, "retraining did not finish"
+        time.sleep(3)
+    assert st["status"] == "DONE", st
+    stats = client.info()["train_stats"]["tumour"]
+    assert stats["rounds"] == 1
+    assert stats["last_round"]["published"] is True, stats
+    assert stats["split"]["default"] == {"train": 1, "validation": 1}
+
+    # the new model is served without a restart
+    sha1 = client.info()["models"]["cascade"]["weights"]["model.pt"]["sha256"]
+    assert sha1 != sha0
+    out, params = client.infer("tumour", "sub-002", {})
+    assert params["model_version"]["model.pt"]["sha256"] == sha1
+    assert server["proc"].poll() is None
