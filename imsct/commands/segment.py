@@ -69,9 +69,11 @@ def parse_remove_small(text: str | None) -> dict[str, float] | None:
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     from ..io import InputError
+
+    if device == "cpu":
+        return
+    import torch
 
     try:
         dev = torch.device(device)
@@ -120,8 +122,7 @@ def stage_progress(cascade, enabled: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import InputError, strip_nifti_ext
-    from ..runner import build_cascade, output_paths, segment_case
+    from ..io import InputError, load_volume, strip_nifti_ext
 
     t2 = Path(args.t2)
     if not t2.is_file():
@@ -151,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
     for f in ("localiser.pt", "model_t2only.pt" if args.t2_only else "model.pt"):
         if not (models / f).is_file():
             raise InputError(f"models folder {models}: {f} not found")
+    for path, role in ((t2, "T2w"), (t1, "T1w")):  # fail on bad images before loading the models
+        if path is not None:
+            load_volume(path, role)
+
+    from ..runner import build_cascade, output_paths, segment_case
 
     out_dir = Path(args.output) if args.output else t2.parent
     if out_dir.exists() and not out_dir.is_dir():

@@ -1,0 +1,230 @@
+"""``imsct segment`` and ``imsct morphometrics`` through the console entry (one shared segmentation)."""
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from imsct import cli
+from imsct.commands.segment import default_models_dir, parse_remove_small
+from imsct.io import InputError, voxel_volume_mm3
+from imsct.labels import LABELS, SEG_SUFFIXES
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "imsct"
+IMSCT = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "imsct"]
+
+
+def imsct(*args, cwd=None):
+    return subprocess.run([*IMSCT, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def case(phantom_dir):
+    """The phantom subject with the fewest T2w voxels, with its truth files."""
+    t2s = sorted(phantom_dir.glob("sub-*/anat/*_T2w.nii.gz"), key=lambda p: np.prod(nib.load(p).shape))
+    t2 = t2s[0]
+    sub = t2.name.split("_")[0]
+    labels = phantom_dir / "derivatives" / "labels" / sub / "anat"
+    return {"sub": sub, "t2": t2, "t1": t2.with_name(f"{sub}_T1w.nii.gz"), "labels": labels,
+            "levels": labels / f"{sub}_phantom.json"}
+
+
+@pytest.fixture(scope="module")
+def segmented(case, tmp_path_factory):
+    out = tmp_path_factory.mktemp("segment")
+    before = {k: digest(case[k]) for k in ("t2", "t1")}
+    argv = ["segment", "--t2", case["t2"], "--t1", case["t1"], "-o", out, "--probabilities", "--morphometrics",
+            "--levels", case["levels"]]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):  # in-process: one import of MONAI
+        rc = cli.main([str(a) for a in argv])
+    proc = subprocess.CompletedProcess(argv, rc, stdout.getvalue(), stderr.getvalue())
+    return {"proc": proc, "out": out, "before": before, **case}
+
+
+def test_help_shows_an_example_per_command():
+    top = imsct("--help")
+    assert top.returncode == 0
+    for name in ("segment", "morphometrics"):
+        assert name in top.stdout
+        sub = imsct(name, "--help")
+        assert sub.returncode == 0
+        assert "example:" in sub.stdout and f"imsct {name} -" in sub.stdout
+
+
+def test_segment_end_to_end(segmented):
+    proc, out = segmented["proc"], segmented["out"]
+    assert proc.returncode == 0, proc.stderr
+    t2 = nib.load(segmented["t2"])
+    name = segmented["t2"].name[: -len(".nii.gz")]
+    imgs = {}
+    for key in [*SEG_SUFFIXES.values(), "_seg-imsct", *(f"_prob-{k}" for k in SEG_SUFFIXES)]:
+        p = out / f"{name}{key}.nii.gz"
+        assert p.exists(), p
+        assert str(p.resolve()) in proc.stdout  # the command prints every output path
+        img = nib.load(p)
+        assert img.shape == t2.shape
+        assert np.allclose(img.affine, t2.affine, atol=1e-4)
+        imgs[key] = np.asarray(img.dataobj)
+    lab = imgs["_seg-imsct"]
+    for cls, value in LABELS.items():
+        assert imgs[SEG_SUFFIXES[cls]].dtype == np.uint8
+        assert np.array_equal(imgs[SEG_SUFFIXES[cls]] > 0, lab == value)
+    assert np.array_equal(imgs["_seg-whole-tumor"] > 0, lab > 0)
+    for cls in SEG_SUFFIXES:
+        prob = imgs[f"_prob-{cls}"]
+        assert prob.dtype == np.float32 and prob.min() >= 0.0 and prob.max() <= 1.0
+    # labelled voxels come from the probabilities: a channel passed the threshold and the class is
+    # the most probable one (filled holes, a small minority, take their neighbours' class)
+    probs = np.stack([imgs[f"_prob-{k}"] for k in SEG_SUFFIXES])
+    if lab.any():
+        on = lab > 0
+        assert (probs[:, on].max(axis=0) > 0.5).mean() > 0.9
+        assert (probs[:3, on].argmax(axis=0) + 1 == lab[on]).mean() > 0.9
+
+    # printed volumes and the morphometrics tables agree with the masks
+    vox = voxel_volume_mm3(t2.affine)
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("volumes (cm3):"))
+    printed = dict(part.rsplit(" ", 1) for part in line.split(":", 1)[1].strip().split(", "))
+    morpho = json.loads((out / f"{name}_morphometrics.json").read_text())
+    assert (out / f"{name}_morphometrics.csv").exists()
+    for cls, suffix in SEG_SUFFIXES.items():
+        cm3 = (imgs[suffix] > 0).sum() * vox / 1000
+        assert float(printed[cls]) == pytest.approx(cm3, abs=6e-4)
+        assert morpho["classes"][cls]["volume_cm3"] == pytest.approx(cm3)
+        assert morpho["classes"][cls]["count"] == ndimage.label(imgs[suffix] > 0, np.ones((3, 3, 3)))[1]
+        assert morpho["classes"][cls]["levels"] is not None  # --levels was given
+
+    # inputs untouched, nothing temporary left
+    assert {k: digest(segmented[k]) for k in ("t2", "t1")} == segmented["before"]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_morphometrics_command_on_the_segmentation(segmented, tmp_path, capsys):
+    name = segmented["t2"].name[: -len(".nii.gz")]
+    labelmap = segmented["out"] / f"{name}_seg-imsct.nii.gz"
+    rc = cli.main(["morphometrics", "-i", str(labelmap), "-o", str(tmp_path / "m")])
+    assert rc == 0
+    res = json.loads((tmp_path / "m.json").read_text())
+    lab = np.asarray(nib.load(labelmap).dataobj)
+    for cls, value in LABELS.items():
+        n = ndimage.label(lab == value, np.ones((3, 3, 3)))[1]
+        assert res["classes"][cls]["count"] == n
+        assert res["classes"][cls]["levels"] is None  # no --levels
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(res["components"]) + 4
+    assert str((tmp_path / "m.csv").resolve()) in capsys.readouterr().out
+    # default output: <T2w name>_morphometrics beside the input
+    copy = tmp_path / "in" / labelmap.name
+    copy.parent.mkdir()
+    shutil.copy(labelmap, copy)
+    assert cli.main(["morphometrics", "-i", str(copy)]) == 0
+    assert (tmp_path / "in" / f"{name}_morphometrics.csv").exists()
+
+
+def test_morphometrics_command_on_truth_masks(case, tmp_path, capsys):
+    lab = case["labels"]
+    masks = [lab / f"{case['sub']}_T2w_seg-{k}.nii.gz" for k in ("tumor", "edema", "cavity")]
+    rc = cli.main(["morphometrics", "-i", *map(str, masks), "--levels", str(case["levels"]),
+                   "--cord", str(lab / f"{case['sub']}_T2w_seg-cord.nii.gz"), "-o", str(tmp_path / "truth")])
+    assert rc == 0
+    res = json.loads((tmp_path / "truth.json").read_text())
+    info = json.loads(case["levels"].read_text())
+    assert res["axis"] == "cord-centreline"
+    for cls in ("tumor", "edema", "cavity", "whole-tumor"):
+        assert res["classes"][cls]["volume_mm3"] == pytest.approx(info["volumes_mm3"][cls], rel=1e-6)
+    assert all(les["level"] in res["classes"]["tumor"]["levels"] for les in info["lesions"]
+               if any(c["z_range_mm"][0] <= les["z_mm"] <= c["z_range_mm"][1] for c in res["components"]))
+    assert "tumor" in capsys.readouterr().out
+
+
+def test_morphometrics_command_bad_inputs(case, phantom_dir, tmp_path, capsys):
+    lab = case["labels"]
+    whole = lab / f"{case['sub']}_T2w_seg-whole-tumor.nii.gz"
+    assert cli.main(["morphometrics", "-i", str(whole)]) == 2
+    assert str(whole) in capsys.readouterr().err
+    other = next(p for p in phantom_dir.glob("derivatives/labels/*/anat/*_seg-edema.nii.gz") if case["sub"] not in p.name)
+    assert cli.main(["morphometrics", "-i", str(lab / f"{case['sub']}_T2w_seg-tumor.nii.gz"), str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(other) in err and "grid" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "bad_seg-imsct.nii.gz"
+    img = nib.load(whole)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.uint8) * 7, img.affine), bad)
+    assert cli.main(["morphometrics", "-i", str(bad)]) == 2
+    assert "bad_seg-imsct" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*morphometrics*"))
+
+
+def test_segment_bad_inputs(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    # missing T1w: exit 2, one line naming the file and suggesting --t2-only (console entry)
+    missing = tmp_path / "nope_T1w.nii.gz"
+    proc = imsct("segment", "--t2", case["t2"], "--t1", missing, "-o", out)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "--t2-only" in err
+    # a T2w that is not NIfTI
+    text = tmp_path / "notes_T2w.nii.gz"
+    text.write_text("not an image")
+    proc = imsct("segment", "--t2", text, "--t1", case["t1"], "-o", out)
+    assert proc.returncode == 2
+    assert str(text) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+    # no T1w at all, bad threshold, bad --remove-small, bad device (in-process, same entry)
+    for argv, needle in [
+        (["--t2", str(case["t2"])], "--t2-only"),
+        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--thr", "1.5"], "--thr"),
+        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--remove-small", "tumour=0.2"], "tumour"),
+        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--device", "quantum"], "--device"),
+        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--models", str(tmp_path)], "localiser.pt"),
+    ]:
+        assert cli.main(["segment", *argv, "-o", str(out)]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+
+    # an output name that would overwrite an input: refused, input untouched
+    t2 = tmp_path / "in" / "x_T2w.nii.gz"
+    t2.parent.mkdir()
+    shutil.copy(case["t2"], t2)
+    t1 = t2.with_name("x_T2w_seg-tumor.nii.gz")
+    shutil.copy(case["t1"], t1)
+    before = digest(t1)
+    assert cli.main(["segment", "--t2", str(t2), "--t1", str(t1)]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert digest(t1) == before and sorted(p.name for p in t2.parent.iterdir()) == ["x_T2w.nii.gz", "x_T2w_seg-tumor.nii.gz"]
+
+
+def test_t2_only_needs_its_weights(case, tmp_path, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "localiser.pt").symlink_to(default_models_dir() / "localiser.pt")
+    assert cli.main(["segment", "--t2", str(case["t2"]), "--t2-only", "--models", str(models), "-o", str(tmp_path)]) == 2
+    assert "model_t2only.pt" in capsys.readouterr().err
+
+
+def test_parse_remove_small():
+    assert parse_remove_small(None) is None
+    assert parse_remove_small("0.3") == {k: 0.3 for k in LABELS}
+    assert parse_remove_small("tumor=0.1, cavity=0") == {"tumor": 0.1, "cavity": 0.0}
+    for bad in ("x", "tumor=", "tumour=0.2", "-1", "edema=nan"):
+        with pytest.raises(InputError, match="--remove-small"):
+            parse_remove_small(bad)
+
+
+def test_default_models_dir_is_the_shipped_bundle():
+    assert default_models_dir() == ROOT / "bundle" / "models"
+    assert (default_models_dir() / "model.pt").exists()
