@@ -433,7 +433,7 @@ def _network(stage: int) -> torch.nn.Module:
 
 def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: str | Path, *, stage: int = 2, iterations: int, batch_size: int,
                   patch_size, replay: float = 0.5, replay_cases: int = 32, ewc_lambda: float = 1e4, tolerance: float = 0.02, seed: int = 0,
-                  lr: float = 3e-4, val_fraction: float = 0.2, cache_dir: str | Path | None = None, amp: bool = True,
+                  lr: float = 1e-4, val_fraction: float = 0.2, cache_dir: str | Path | None = None, amp: bool = True,
                   force_publish: bool = False, log: Callable[[str], None] = print) -> RoundResult:
     """One continual-learning round (see the module docstring). ``force_publish`` skips the gate
     (recorded as such); it exists for experiments, not for the app."""
