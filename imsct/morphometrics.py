@@ -18,9 +18,11 @@ oblique grids are measured correctly):
   on an oblique grid, where positions are nearly continuous, it is the range. One position: the
   voxel's extent along the axis.
 - **Maximal equivalent diameter**: the largest over slabs perpendicular to the axis of
-  ``2 * sqrt(area / pi)``, the area of a slab being its voxel volume divided by its thickness. The
-  slab thickness is the voxel's extent along the axis, repeated until at least 1 mm, so that on a
-  grid with slices perpendicular to the axis each slab holds whole slices.
+  ``2 * sqrt(area / pi)``, the area of a slab being the component's volume inside it divided by
+  its thickness. Voxels count as boxes (their volume spread over their extent along the axis), so
+  an oblique grid's layers of voxel centres do not alias into the areas; the slab is as thick as a
+  voxel's extent along the axis, and at least 1 mm. On a grid with slices perpendicular to the
+  axis this is the largest slice's area (SCT's per-slice area).
 - **Centroid**: mean of the voxel centres, in voxel indices and world (RAS+) mm.
 - **Vertebral levels**: levels whose height range overlaps the component's world-z range (voxel
   centres). A level spans from its body's top down to the top of the next body (body plus the disc
@@ -50,6 +52,7 @@ from .postprocess import split_masks
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
 SLAB_MIN_MM = 1.0
+AREA_BIN_MM = 0.05  # resolution of the area profile along the axis
 CENTRELINE_BIN_MM = 2.0
 CENTRELINE_SMOOTH_MM = 10.0
 CLASS_FIELDS = ("count", "volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm", "levels")
@@ -181,6 +184,22 @@ def levels_spanned(z_lo: float, z_hi: float, levels: list[dict] | None) -> list[
 
 
 # ---- measuring -------------------------------------------------------------------------------
+def max_slab_area(s: np.ndarray, direction: np.ndarray, affine: np.ndarray, vox_mm3: float) -> float:
+    """Largest volume per mm along the axis (mm2) of voxels at axis coordinates ``s``, each voxel
+    spread as a box (its projection on ``direction``: three uniform widths convolved), over slabs as
+    thick as a voxel's extent along the axis and at least :data:`SLAB_MIN_MM`."""
+    widths = np.abs(np.asarray(affine, float)[:3, :3].T @ np.asarray(direction, float))
+    kernel = np.ones(1)
+    for w in widths:
+        kernel = np.convolve(kernel, np.ones(max(1, int(round(w / AREA_BIN_MM)))))
+    kernel /= kernel.sum()
+    slab = max(int(round(max(widths.sum(), SLAB_MIN_MM) / AREA_BIN_MM)), 1)
+    counts = np.bincount(np.floor((s - s.min()) / AREA_BIN_MM).astype(int))
+    density = np.convolve(counts.astype(float), kernel)  # voxels per bin, boxes spread
+    per_slab = np.convolve(density, np.ones(slab))  # voxels per slab, every slab position
+    return float(per_slab.max() * vox_mm3 / (slab * AREA_BIN_MM))
+
+
 def _component(idx: np.ndarray, affine: np.ndarray, axis, vox_mm3: float) -> dict:
     pts = world(idx, affine)
     centroid_vox = idx.mean(0)
@@ -190,9 +209,7 @@ def _component(idx: np.ndarray, affine: np.ndarray, axis, vox_mm3: float) -> dic
     positions = np.unique(np.round(s, 3))
     m = len(positions)
     length = step if m == 1 else float(np.ptp(s)) * m / (m - 1)
-    slab = step * max(1, int(np.ceil(SLAB_MIN_MM / step - 1e-6)))
-    bins = np.floor((s - s.min() + step / 2) / slab).astype(int)
-    area = np.bincount(bins).max() * vox_mm3 / slab
+    area = max_slab_area(s, axis.tangent(centroid[2]), affine, vox_mm3)
     return {
         "volume_mm3": len(idx) * vox_mm3,
         "volume_cm3": len(idx) * vox_mm3 / 1000.0,
