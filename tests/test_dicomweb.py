@@ -136,3 +136,63 @@ def test_final_label_saved_as_dicom_seg(phantom_dir, orthanc, datastore, tmp_pat
     assert_same_image(dicom.read_seg(path), lm, tol=0)
     # the datastore now reports the T2w series as labelled
     assert s.t2_series_uid in datastore.get_labeled_images()
+
+
+@pytest.fixture(scope="session")
+def stack(request, tmp_path_factory, phantom_dir):
+    from dicomweb_stack import shared_stack, stack_missing_reason
+
+    if stack_missing_reason():
+        pytest.skip(stack_missing_reason())
+    return shared_stack(request, tmp_path_factory, phantom_dir)
+
+
+def labelmap_on_image_grid(lm: Volume, image: Volume) -> Volume:
+    """The phantom's label map reoriented (flips/permutations only) onto the grid the server serves."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(lm.data), lm.affine))
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.io_orientation(image.affine))
+    out = Volume(nib.orientations.apply_orientation(np.asarray(img.dataobj), ornt).astype(np.uint8), image.affine, "label")
+    assert_same_image(out, lm, tol=0)
+    return out
+
+
+def test_monailabel_server_infer_and_save_through_orthanc(stack, tmp_path):
+    """MONAILabelClient against the app started with --studies <Orthanc>/dicom-web: the datastore lists the
+    T2w series only, the cascade runs on it (its T1w fetched from the same study), and the saved final label
+    becomes a DICOM SEG in Orthanc with the IMSCT segments."""
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(stack.server.url)
+    info = client.info()
+    assert "cascade" in info["models"]
+    t2_id = stack.study.t2_series_uid
+    assert set(client.datastore()["objects"]) <= {t2_id}
+    sample = client.next_sample("first", {})
+    assert sample["id"] == t2_id, stack.server.log_tail()  # the only image: the T2w series (not the T1w)
+
+    result_file, body = client.infer("cascade", t2_id, {})
+    assert body.get("label_names") == LABELS or body.get("label_names") is None
+    pred = load_volume(result_file, "cascade result")
+    image = load_volume(next((stack.server.workdir / "dicom-cache").rglob(f"{t2_id}.nii.gz")))
+    assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-3)
+    assert set(np.unique(pred.data).astype(int)) <= {0, *LABELS.values()}
+    t1_cached = list((stack.server.workdir / "dicom-cache").rglob(f"t1/{t2_id}.nii.gz"))
+    assert len(t1_cached) == 1  # the T1w came from Orthanc, same study
+
+    # the annotator's final label: here the phantom's truth, on the image grid as served
+    truth = labelmap_on_image_grid(phantom_labelmap(stack.bids_dir, "sub-001"), image)
+    label_file = save_volume(truth.data, truth.affine, tmp_path / "final.nii.gz")
+    res = client.save_label(t2_id, str(label_file), tag="final")
+    assert res["image"] == t2_id
+
+    dw = DICOMwebClient(stack.orthanc.dicomweb_url)
+    segs = dw.search_for_series(search_filters={"Modality": "SEG"})
+    assert len(segs) == 1 and segs[0]["0020000D"]["Value"] == [stack.study.study_uid]
+    ds = dw.retrieve_series(stack.study.study_uid, segs[0]["0020000E"]["Value"][0])[0]
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == t2_id
+    seg_path = tmp_path / "seg.dcm"
+    ds.save_as(seg_path)
+    assert [(s.number, s.label) for s in dicom.seg_segments(seg_path)] == [(i, n) for n, i in LABELS.items()]
+    assert_same_image(dicom.read_seg(seg_path), truth, tol=0)

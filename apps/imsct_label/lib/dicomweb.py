@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset
 
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
@@ -95,6 +96,15 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
         logger.info(f"DICOMweb: {len(series)} {self.t2_description!r} MR series")
         return list(series)
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A label already in the local cache is served from there. monailabel's DICOMweb datastore
+        treats every final label id as a SEG series UID, but the ids that ``save_label`` returns
+        (and ``get_label_by_image_id`` gives) are the local ones, i.e. the image id."""
+        local = LocalDatastore.get_label_uri(self, label_id, label_tag)
+        if local and os.path.exists(local):
+            return local
+        return super().get_label_uri(label_id, label_tag, image_id)
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any], label_id: str = "") -> str:
         """Final labels go to the DICOMweb server as one DICOM SEG; every tag is kept in the local cache."""
         if label_tag != DefaultLabelTag.FINAL:
@@ -110,14 +120,14 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
                 if "label map is empty" not in str(exc):
                     raise
                 logger.warning(f"{image_id}: empty label map saved locally only (DICOM SEG cannot be empty)")
-                return super(DICOMWebDatastore, self).save_label(image_id, label_nii, label_tag, label_info)
+                return LocalDatastore.save_label(self, image_id, label_nii, label_tag, label_info)
             seg_series = dicom_web_upload_dcm(seg_path, self._client)
             info = self.get_image_info(image_id)
             label_info = {**label_info, "SeriesInstanceUID": seg_series, "Modality": "SEG",
                           "PatientID": info.get("PatientID"), "StudyInstanceUID": info.get("StudyInstanceUID")}
             logger.info(f"{image_id}: DICOM SEG series {seg_series} stored")
             # skip DICOMWebDatastore.save_label (dcmqi converter); keep the cached copy
-            return super(DICOMWebDatastore, self).save_label(image_id, label_nii, label_tag, label_info)
+            return LocalDatastore.save_label(self, image_id, label_nii, label_tag, label_info)
         finally:
             os.unlink(seg_path)
             if made:
@@ -224,3 +234,8 @@ def fetch_t1(datastore, image_id: str) -> str:
     if not series_dir.exists() or not any(series_dir.iterdir()):
         dicom_web_download_series(study, t1_uid, str(series_dir), datastore._client)
     return str(series_to_nifti(series_dir, out))
+
+
+def init_datastore(app) -> ImsctDICOMWebDatastore:
+    """Hook called by ``IMSCTApp.init_remote_datastore`` for ``--studies http(s)://...``."""
+    return make_datastore(app.studies, getattr(app, "conf", None))
