@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 DEMO := demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean serve
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: setup
 	cd bundle && ../$(PY) -m monai.bundle run --config_file configs/inference.json \
 		--meta_file configs/metadata.json --logging_file configs/logging.conf \
 		--dataset_dir ../$(DEMO)/data --output_dir ../$(DEMO)/output
+
+# MONAI Label server (127.0.0.1:8000) on a demo datastore of 3 phantom cases (T2w + T1w/ folder).
+serve: setup
+	$(PY) apps/imsct_label/serve.py --studies $(DEMO)/label_studies --demo-cases 3 --port 8000
 
 test: setup
 	$(PY) -m pytest -q tests

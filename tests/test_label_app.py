@@ -78,8 +78,8 @@ def server(cases, tmp_path_factory):
     log_path = studies.parent / "server.log"
     conf = {"retrain_after": 2, "train_iterations": 1, "train_batch_size": 1, "tumour_patch": "32,32,16",
             "gate_tolerance": 1, "mc_samples": 2}
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port)]
+    # serve.py = monailabel start_server --app apps/imsct_label, on 127.0.0.1 unless --host is given
+    cmd = [sys.executable, str(APP / "serve.py"), "--studies", str(studies), "--port", str(port)]
     for k, v in conf.items():
         cmd += ["--conf", k, str(v)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -109,6 +109,34 @@ def server(cases, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
+
+
+def _load_serve():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("imsct_label_serve", APP / "serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_serve_command_line_defaults_to_loopback(tmp_path):
+    serve = _load_serve()
+    _, cmd = serve.server_argv(["--studies", "S", "--port", "9000"])
+    assert cmd[:6] == ["monailabel", "start_server", "--app", str(APP), "--studies", "S"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    _, cmd = serve.server_argv(["--studies", "S", "--host", "0.0.0.0"])
+    assert cmd.count("--host") == 1 and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert serve.make_demo(tmp_path, 1) == ["sub-001"]
+    assert (tmp_path / "sub-001.nii.gz").exists() and (tmp_path / "T1w" / "sub-001.nii.gz").exists()
+    assert serve.make_demo(tmp_path, 1) == []  # an existing datastore is left as it is
+
+
+def test_server_listens_on_loopback_only(server):
+    import psutil
+
+    ports = [c.laddr for c in psutil.Process(server["proc"].pid).net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert ports and all(a.ip == "127.0.0.1" for a in ports), ports
 
 
 def _error(call) -> str:

@@ -71,7 +71,7 @@ class AppConfig:
 
     @classmethod
     def from_conf(cls, conf: dict | None, app_dir: str, studies: str) -> "AppConfig":
-        unknown = sorted(set(conf or {}) - set(DEFAULTS) - {"server_mode"})
+        unknown = sorted(k for k in (conf or {}) if k not in DEFAULTS and k != "server_mode" and not k.startswith("dicomweb_"))
         if unknown:
             import logging
 
