@@ -43,12 +43,22 @@ def case(phantom_dir):
             "levels": labels / f"{sub}_phantom.json"}
 
 
+SHIFT_MM = 5.0
+
+
 @pytest.fixture(scope="module")
 def segmented(case, tmp_path_factory):
+    """One run with every option: the T1w moved 5 mm superior (patient motion) and --register-t1."""
     out = tmp_path_factory.mktemp("segment")
+    t1 = nib.load(case["t1"])
+    moved = t1.affine.copy()
+    moved[2, 3] += SHIFT_MM
+    case = {**case, "t1": out.parent / f"{out.name}_moved" / case["t1"].name}
+    case["t1"].parent.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj), moved), case["t1"])
     before = {k: digest(case[k]) for k in ("t2", "t1")}
     argv = ["segment", "--t2", case["t2"], "--t1", case["t1"], "-o", out, "--probabilities", "--morphometrics",
-            "--levels", case["levels"]]
+            "--levels", case["levels"], "--register-t1"]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):  # in-process: one import of MONAI
         rc = cli.main([str(a) for a in argv])
@@ -108,6 +118,11 @@ def test_segment_end_to_end(segmented):
         assert morpho["classes"][cls]["volume_cm3"] == pytest.approx(cm3)
         assert morpho["classes"][cls]["count"] == ndimage.label(imgs[suffix] > 0, np.ones((3, 3, 3)))[1]
         assert morpho["classes"][cls]["levels"] is not None  # --levels was given
+
+    # --register-t1 undid the motion (the printed world translation of the T1w)
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("T1w registered onto T2w"))
+    shift = [float(v) for v in line.split("translation ", 1)[1].split(" mm", 1)[0].split(", ")]
+    assert abs(shift[2] + SHIFT_MM) < 1.5 and abs(shift[0]) < 1.5 and abs(shift[1]) < 1.5, line
 
     # inputs untouched, nothing temporary left
     assert {k: digest(segmented[k]) for k in ("t2", "t1")} == segmented["before"]
@@ -206,6 +221,19 @@ def test_segment_bad_inputs(case, tmp_path, capsys):
     assert cli.main(["segment", "--t2", str(t2), "--t1", str(t1)]) == 2
     assert "overwrite" in capsys.readouterr().err
     assert digest(t1) == before and sorted(p.name for p in t2.parent.iterdir()) == ["x_T2w.nii.gz", "x_T2w_seg-tumor.nii.gz"]
+
+
+@pytest.mark.skipif(not (default_models_dir() / "model_t2only.pt").exists(), reason="model_t2only.pt not shipped")
+def test_segment_t2_only(case, tmp_path, capsys):
+    rc = cli.main(["segment", "--t2", str(case["t2"]), "--t2-only", "-o", str(tmp_path), "--remove-small", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "T2w-only model" in out
+    t2 = nib.load(case["t2"])
+    name = case["t2"].name[: -len(".nii.gz")]
+    for suffix in [*SEG_SUFFIXES.values(), "_seg-imsct"]:
+        img = nib.load(tmp_path / f"{name}{suffix}.nii.gz")
+        assert img.shape == t2.shape and np.allclose(img.affine, t2.affine, atol=1e-4)
+    assert not list(tmp_path.glob(f"{name}_prob-*"))  # only with --probabilities
 
 
 def test_t2_only_needs_its_weights(case, tmp_path, capsys):

@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--register-t1", action="store_true", help="align the T1w onto the T2w (ITK affine) before segmenting")
     parser.add_argument("--morphometrics", action="store_true", help="also write <name>_morphometrics.csv and .json")
     parser.add_argument("--levels", metavar="JSON",
-                        help="vertebral levels for --morphometrics ({\"vertebrae\": [{level, z_top_mm, z_bottom_mm}]}; "
-                             "a phantom's *_phantom.json works)")
+                        help="vertebral levels for the morphometrics, implies --morphometrics ({\"vertebrae\": "
+                             "[{level, z_top_mm, z_bottom_mm}]} in world mm; a phantom's *_phantom.json works)")
     parser.add_argument("--progress", action="store_true", help="show progress bars even when stderr is not a terminal")
 
 
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
                             register_t1=args.register_t1 and t1 is not None)
 
     outputs = {k: Path(v) for k, v in info["outputs"].items()}
-    if args.morphometrics:
+    if args.morphometrics or levels is not None:
         import nibabel as nib
         import numpy as np
 
