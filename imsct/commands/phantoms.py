@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 HELP = "Generate two-contrast IMSCT phantoms (T2w + Gd-T1w, truth labels) in a BIDS layout."
-EXAMPLE = "imsct phantoms --out data/phantoms --cases 5 --seed 1"
+EXAMPLE = ("imsct phantoms --out data/phantoms --cases 5 --seed 1\n"
+           "  imsct phantoms --out data/followup --cases 2 --followup 1.5 --growth 1.8   (two sessions per subject)\n"
+           "  imsct phantoms --out data/moved --cases 2 --misalign-t1 4 3   (T1w moved 4 mm, 3 deg; header not)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +15,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int, default=1, help="number of subjects (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--start", type=int, default=0, help="index of the first subject (default 0)")
+    parser.add_argument("--max-voxels", type=int, default=6_000_000,
+                        help="largest T2w matrix; smaller values shrink the in-plane field of view (default 6000000)")
+    parser.add_argument("--followup", type=float, metavar="YEARS",
+                        help="write two sessions per subject (ses-01, ses-02) YEARS apart: lesions grown, patient "
+                             "moved, new acquisition grid; dates in the sidecar JSON and sub-XXX_sessions.tsv")
+    parser.add_argument("--growth", type=float, default=1.5, metavar="G",
+                        help="with --followup: each lesion's tumour volume x G at visit 2 (edema and cavity scaled "
+                             "alike; default 1.5)")
+    parser.add_argument("--motion", type=float, nargs=2, default=(5.0, 4.0), metavar=("MM", "DEG"),
+                        help="with --followup: rigid patient motion between visits (default 5 mm, 4 deg)")
+    parser.add_argument("--misalign-t1", type=float, nargs=2, metavar=("MM", "DEG"),
+                        help="the T1w shows the patient moved by MM and DEG (rigid) while its header does not; "
+                             "the truth is in the phantom JSON (t1_motion)")
     parser.add_argument("--quiet", action="store_true", help="print nothing per subject")
 
 
@@ -22,5 +37,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.cases < 1:
         raise InputError(f"--cases {args.cases}: must be at least 1")
-    generate_dataset(args.out, args.cases, args.seed, start=args.start, progress=not args.quiet)
+    if args.max_voxels < 10_000:
+        raise InputError(f"--max-voxels {args.max_voxels}: too small for a phantom (at least 10000)")
+    if args.followup is not None and args.followup <= 0:
+        raise InputError(f"--followup {args.followup}: years between visits must be positive")
+    if args.growth <= 0:
+        raise InputError(f"--growth {args.growth}: must be positive (1 = no change, 2 = volume doubled)")
+    if args.followup is not None and args.misalign_t1 is not None:
+        raise InputError("--followup and --misalign-t1: choose one (follow-up visits keep their T1w aligned)")
+    generate_dataset(
+        args.out, args.cases, args.seed, start=args.start, progress=not args.quiet, max_voxels=args.max_voxels,
+        misalign_t1=tuple(args.misalign_t1) if args.misalign_t1 else None, followup_years=args.followup,
+        growth=args.growth, motion=tuple(args.motion),
+    )
     return 0

@@ -287,3 +287,61 @@ def classify(spec: PhantomSpec, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> 
         texture[near] = np.where(sub == TUMOR, tex, texture[near])
     in_cyl = ((np.square(u) + np.square(v)) < 15.0**2) & (z > spec.conus_z) & (z < 40)
     return code, texture, in_cyl
+
+
+def grown(spec: PhantomSpec, factor: float) -> PhantomSpec:
+    """The same subject with every lesion grown: tumour dimensions (and offsets from the
+    centreline), edema and cavity extents scaled by ``factor ** (1/3)``, so an unconstrained
+    tumour's volume is multiplied by ``factor``. The cord widens around bigger lesions as it does
+    at the first visit, and edema and cavity stay inside the cord, so the rendered volumes of edema
+    and cavity (and a tumour that fills the cord) change by less or more than ``factor``; measure
+    them with :func:`lesion_volumes`."""
+    from dataclasses import replace
+
+    s = float(factor) ** (1.0 / 3.0)
+    lesions = [
+        replace(les, half_length=les.half_length * s, r_ap=les.r_ap * s, r_rl=les.r_rl * s, u0=les.u0 * s, v0=les.v0 * s,
+                edema_above=les.edema_above * s, edema_below=les.edema_below * s,
+                cavity_above=les.cavity_above * s, cavity_below=les.cavity_below * s)
+        for les in spec.lesions
+    ]
+    return replace(spec, lesions=lesions, _table={})
+
+
+def lesion_volumes(spec: PhantomSpec, step_mm: float = 0.25, field: tuple | None = None) -> dict[str, float]:
+    """Volumes (mm3) of tumour, edema, cavity and their union in the continuous anatomy, free of any
+    acquisition grid: :func:`classify` integrated on a fine grid in cord-centred coordinates
+    ``(x_c(z) + u, y_c(z) + v, z)``, a shear of unit Jacobian, with ``step_mm`` across the cord and
+    twice that along it. ``field=(shape, affine)`` (affine from voxels to *anatomy* coordinates)
+    counts only the part inside that grid's field of view (voxel edges)."""
+    vols = {"tumor": 0.0, "edema": 0.0, "cavity": 0.0}
+    to_vox = np.linalg.inv(np.asarray(field[1], np.float64)) if field is not None else None
+    spans = sorted(les.extent() for les in spec.lesions)
+    merged: list[list[float]] = []
+    for lo, hi in spans:
+        if merged and lo - 2 <= merged[-1][1] + 2:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    dz = 2 * step_mm
+    for lo, hi in merged:
+        z = np.arange(lo - 2, hi + 2, dz) + dz / 2
+        x_c, y_c, c_ap, c_rl = spec.lookup_many(("x_c", "y_c", "cord_ap", "cord_rl"), z.astype(np.float32))
+        r = float(max(c_ap.max(), c_rl.max())) + 1.0
+        uv = np.arange(-r, r, step_mm) + step_mm / 2
+        u, v = np.meshgrid(uv, uv, indexing="ij")
+        u, v = u.ravel().astype(np.float32), v.ravel().astype(np.float32)
+        rows = max(1, 2_000_000 // u.size)
+        for i in range(0, z.size, rows):
+            zz = np.repeat(z[i:i + rows].astype(np.float32), u.size)
+            xx = np.repeat(x_c[i:i + rows], u.size) + np.tile(u, min(rows, z.size - i))
+            yy = np.repeat(y_c[i:i + rows], u.size) + np.tile(v, min(rows, z.size - i))
+            code, _, _ = classify(spec, xx, yy, zz)
+            if to_vox is not None:
+                ijk = np.stack([xx, yy, zz], -1).astype(np.float64) @ to_vox[:3, :3].T + to_vox[:3, 3]
+                inside = np.all((ijk > -0.5) & (ijk < np.asarray(field[0][:3]) - 0.5), axis=1)
+                code = np.where(inside, code, 0)
+            for name, c in (("tumor", TUMOR), ("edema", EDEMA), ("cavity", CAVITY)):
+                vols[name] += float(np.count_nonzero(code == c)) * step_mm * step_mm * dz
+    vols["whole-tumor"] = vols["tumor"] + vols["edema"] + vols["cavity"]
+    return vols
