@@ -206,6 +206,7 @@ def test_segment_bad_inputs(case, tmp_path, capsys):
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--thr", "1.5"], "--thr"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--remove-small", "tumour=0.2"], "tumour"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--device", "quantum"], "--device"),
+        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--device", "cuda:99"], "--device cuda:99"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--models", str(tmp_path)], "localiser.pt"),
     ]:
         assert cli.main(["segment", *argv, "-o", str(out)]) == 2, argv

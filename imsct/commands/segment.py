@@ -81,6 +81,8 @@ def _check_device(device: str) -> None:
         raise InputError(f"--device {device}: not a torch device (cpu, cuda, cuda:0, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 @contextlib.contextmanager
@@ -129,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"T2w {t2}: file not found")
     t1 = None
     if args.t2_only:
-        if args.t1:
-            print(f"imsct segment: --t2-only: ignoring T1w {args.t1}", file=sys.stderr)
+        ignored = [f"T1w {args.t1}"] * bool(args.t1) + ["--register-t1"] * bool(args.register_t1)
+        if ignored:
+            print(f"imsct segment: --t2-only: ignoring {' and '.join(ignored)}", file=sys.stderr)
     elif not args.t1:
         raise InputError(f"T2w {t2}: no T1w given; pass --t1 FILE, or --t2-only to segment with the T2w-only model")
     else:
