@@ -47,7 +47,7 @@ import numpy as np
 from scipy import ndimage
 
 from .io import InputError, voxel_volume_mm3
-from .labels import STAGE2_CHANNELS
+from .labels import LABELS, STAGE2_CHANNELS
 from .postprocess import split_masks
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
@@ -229,6 +229,9 @@ def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None 
     affine = np.asarray(affine, float)
     if labelmap.ndim != 3:
         raise InputError(f"label map: expected 3D, got shape {labelmap.shape}")
+    top = max(LABELS.values())
+    if labelmap.size and (labelmap.min() < 0 or labelmap.max() > top):
+        raise InputError(f"label map: values must be 0 (background) to {top}, found {labelmap.min()} to {labelmap.max()}")
     if levels is not None:
         levels = check_levels(levels)
     if cord is not None:

@@ -134,6 +134,8 @@ def test_components_connectivity_classes_and_levels():
     assert cls["tumor"]["volume_mm3"] == pytest.approx(sum(c["volume_mm3"] for c in tum))
     assert cls["whole-tumor"]["volume_mm3"] == pytest.approx((lab > 0).sum())
     assert measure(lab, aff)["components"][0]["levels"] is None
+    with pytest.raises(InputError, match="label map"):
+        measure(np.where(lab == 3, 4, lab), aff)
 
 
 def test_write_tables_consistent_and_all_or_nothing(tmp_path):
