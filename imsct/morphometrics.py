@@ -16,13 +16,14 @@ oblique grids are measured correctly):
   for sampling: ``range * m / (m - 1)`` with ``m`` distinct positions along the axis. On a grid with
   slices perpendicular to the axis this is the number of slices x slice spacing (SCT's count);
   on an oblique grid, where positions are nearly continuous, it is the range. One position: the
-  voxel's extent along the axis.
+  voxel's extent along the axis. Along a curved cord on thick slices the positions are continuous
+  too, so the length can come out up to one slice shorter than the slice count.
 - **Maximal equivalent diameter**: the largest over slabs perpendicular to the axis of
   ``2 * sqrt(area / pi)``, the area of a slab being the component's volume inside it divided by
   its thickness. Voxels count as boxes (their volume spread over their extent along the axis), so
   an oblique grid's layers of voxel centres do not alias into the areas; the slab is as thick as a
-  voxel's extent along the axis, and at least 1 mm. On a grid with slices perpendicular to the
-  axis this is the largest slice's area (SCT's per-slice area).
+  voxel's extent along the axis, and at least 1 mm. On a grid with slices of 1 mm or more
+  perpendicular to the axis this is the largest slice's area (SCT's per-slice area).
 - **Centroid**: mean of the voxel centres, in voxel indices and world (RAS+) mm.
 - **Vertebral levels**: levels whose height range overlaps the component's world-z range (voxel
   centres). A level spans from its body's top down to the top of the next body (body plus the disc
