@@ -71,11 +71,11 @@ def visit_date(t2_path: str | os.PathLike) -> _dt.date:
         for key in ("AcquisitionDateTime", "AcquisitionDate"):
             if meta.get(key):
                 return parse_date(meta[key], f"sidecar {sidecar} ({key})")
-    ses = next((part for part in reversed(p.parts) if part.startswith("ses-")), None)
-    sub = next((part for part in reversed(p.parts) if part.startswith("sub-")), None)
-    if ses and sub:
-        root = next(q for q in p.parents if q.name == sub)
-        table = root / f"{sub}_sessions.tsv"
+    ses = next((q for q in p.parents if q.name.startswith("ses-")), None)
+    if ses is not None and ses.parent.name.startswith("sub-"):
+        sub = ses.parent.name
+        table = ses.parent / f"{sub}_sessions.tsv"
+        ses = ses.name
         if table.exists():
             with open(table, newline="") as fh:
                 for row in csv.DictReader(fh, delimiter="\t"):

@@ -116,16 +116,17 @@ def register(
 ) -> tuple[np.ndarray, dict]:
     """Register ``moving`` onto ``fixed``; returns ``(moving_to_fixed, info)``.
 
-    ``kind``: ``rigid`` (Euler3D, 6 parameters) or ``affine`` (12, started from a rigid solution).
-    ``metric``: ``mattes`` (mutual information, any contrasts) or ``correlation`` (normalised
-    cross-correlation, ITK's v4 metric). Multi-resolution (``shrink`` factors, smoothing sigmas
-    in voxels of the shrunk level), started from ``initial`` (a ``moving_to_fixed`` RAS matrix;
+    ``kind``: ``rigid`` (Euler3D, 6 parameters) or ``affine`` (12). ``metric``: ``mattes`` (mutual
+    information) or ``correlation`` (ITK's normalised cross-correlation). Both images are first
+    brought to ``working_mm`` voxels (anti-aliased), optionally divided by their own
+    ``flatten_mm`` Gaussian blur (bias field), optionally replaced by their gradient magnitude
+    (``edges``: contrast-free boundaries for T1w vs T2w), then scaled to robust 0..1 ranges.
+    Multi-resolution over ``shrink`` factors (smoothing sigma ``(f - 1) / 2`` voxels), random
+    sampling of ``sampling`` of the voxels (all when 1), regular-step gradient descent with
+    physical-shift parameter scales. The start is ``initial`` (a ``moving_to_fixed`` RAS matrix;
     default identity: both images' world coordinates are trusted to within a few mm and degrees,
-    which avoids locking onto the neighbouring vertebra) or, with ``centre_images``, from ITK's
-    centred initialiser on the image geometries, regular-step gradient descent with physical-shift
-    parameter scales. Both images are first brought to ``working_mm`` voxels (anti-aliased) and
-    normalised to robust 0..1 ranges, which keeps the cost bounded on large phantoms.
-    ``info`` holds the final metric value, the optimizer's stop condition and the seconds taken.
+    which avoids locking onto the neighbouring vertebra) or, with ``centre_images``, ITK's centred
+    initialiser on the image geometries. ``info``: metric value, iterations, stop condition, seconds.
     """
     import SimpleITK as sitk
 

@@ -101,3 +101,57 @@ def test_volumes_in_paper_ranges():
     for i in infos:
         if i["has_cavity"]:
             assert i["volumes_mm3"]["cavity"] > 300
+
+
+def test_misaligned_t1_moves_only_the_t1_content():
+    from imsct.phantoms import generate_case as gen
+
+    base, moved = gen(12, 1, max_voxels=150_000), gen(12, 1, max_voxels=150_000, misalign_t1=(4.0, 3.0))
+    assert np.array_equal(np.asanyarray(base.t2.dataobj), np.asanyarray(moved.t2.dataobj))
+    for k in base.labels:
+        assert np.array_equal(np.asanyarray(base.labels[k].dataobj), np.asanyarray(moved.labels[k].dataobj))
+    assert np.allclose(base.t1.affine, moved.t1.affine)  # the header does not know
+    assert not np.array_equal(np.asanyarray(base.t1.dataobj), np.asanyarray(moved.t1.dataobj))
+    truth = moved.info.pop("t1_motion")
+    assert moved.info == base.info
+    m = np.asarray(truth["motion_ras"])
+    assert np.allclose(m @ np.asarray(truth["correction_ras"]), np.eye(4))
+    angle = np.degrees(np.arccos((np.trace(m[:3, :3]) - 1) / 2))
+    assert angle == pytest.approx(3.0, abs=1e-6)
+    c = np.asarray(truth["centre_ras"])
+    assert np.linalg.norm(m[:3, :3] @ c + m[:3, 3] - c) == pytest.approx(4.0, abs=1e-3)
+
+
+def test_followup_sessions_dates_and_growth_truth(tmp_path):
+    from imsct.bids import find_cases
+    from imsct.cli import main
+    from imsct.phantoms import generate_case as gen
+
+    out = tmp_path / "fu"
+    assert main(["phantoms", "--out", str(out), "--cases", "1", "--seed", "4", "--start", "0", "--followup", "2",
+                 "--growth", "1.8", "--max-voxels", "150000", "--quiet"]) == 0
+    cases = find_cases(out)
+    assert [c.name for c in cases] == ["sub-001_ses-01_T2w", "sub-001_ses-02_T2w"]
+    assert all(c.t1.exists() and c.labels for c in cases)
+    sessions = list(csv.DictReader(open(out / "sub-001" / "sub-001_sessions.tsv"), delimiter="\t"))
+    stamps = [json.loads(c.t2.with_name(c.name + ".json").read_text())["AcquisitionDateTime"] for c in cases]
+    assert [r["acq_time"] for r in sessions] == stamps
+    days = (np.datetime64(stamps[1][:10]) - np.datetime64(stamps[0][:10])).astype(int)
+    assert days == round(2 * 365.25)
+    # visit 1 is the cross-sectional case itself
+    base = gen(4, 0, max_voxels=150_000)
+    v1 = nib.load(cases[0].t2)
+    assert np.array_equal(np.asanyarray(v1.dataobj), np.asanyarray(base.t2.dataobj))
+    infos = [json.loads((out / "derivatives" / "labels" / "sub-001" / s / "anat" / f"sub-001_{s}_phantom.json").read_text())
+             for s in ("ses-01", "ses-02")]
+    # new grid at visit 2 and a patient motion with its inverse
+    assert nib.load(cases[1].t2).shape != v1.shape or not np.allclose(nib.load(cases[1].t2).affine, v1.affine)
+    m = np.asarray(infos[1]["motion"]["motion_ras"])
+    assert np.allclose(m @ np.asarray(infos[1]["motion"]["correction_ras"]), np.eye(4))
+    # the continuous truth: partial-volume fractions on each grid integrate to it (inside the field)
+    for info in infos:
+        for k in ("tumor", "whole-tumor"):
+            assert info["soft_volumes_mm3"][k] == pytest.approx(info["true_volumes_in_field_mm3"][k], rel=0.02)
+    # the tumour (free to grow inside the widening cord) grows by the requested factor
+    assert infos[1]["followup"]["true_volume_ratio"]["tumor"] == pytest.approx(1.8, rel=0.06)
+    assert infos[1]["followup"]["growth_factor"] == 1.8
