@@ -7,16 +7,12 @@ at the end of the session. Everything runs on 127.0.0.1 on free ports, in tempor
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
-from orthanc_server import OrthancServer, free_port, missing_reason
+from orthanc_server import OrthancServer, free_port, missing_reason, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "apps" / "imsct_label"
@@ -61,28 +57,14 @@ class MonaiLabelServer:
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if requests.get(f"{self.url}/info/", timeout=5).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        if wait_for(f"{self.url}/info/", self.proc, self.start_timeout):
+            return self
         log = self.log_path.read_text(errors="replace")
         self.stop()
         raise RuntimeError(f"MONAI Label server did not start ({' '.join(cmd)}); its log:\n{log[-6000:]}")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.proc = None
 
     def log_tail(self, n: int = 4000) -> str:

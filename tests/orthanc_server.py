@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -50,6 +51,31 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url`` until it answers 2xx (True), the process exits or ``timeout`` s pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(url, timeout=5).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """Stop a server started with ``start_new_session=True`` (its whole process group)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 class OrthancServer:
@@ -101,28 +127,14 @@ class OrthancServer:
             self.proc = subprocess.Popen([orthanc_binary(), "--verbose", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.workdir, start_new_session=True)
             log.close()
-            deadline = time.monotonic() + self.start_timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    if requests.get(f"{self.url}/system", timeout=2).ok:
-                        return self
-                except requests.RequestException:
-                    pass
-                time.sleep(0.2)
+            if wait_for(f"{self.url}/system", self.proc, self.start_timeout):
+                return self
             last_log = self.log_path.read_text(errors="replace")
             self.stop()
         raise RuntimeError(f"Orthanc did not start (config {self.workdir / 'orthanc.json'}); its log:\n{last_log[-6000:]}")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> "OrthancServer":

@@ -184,11 +184,12 @@ def test_monailabel_server_infer_and_save_through_orthanc(stack, tmp_path):
     # the annotator's final label: here the phantom's truth, on the image grid as served
     truth = labelmap_on_image_grid(phantom_labelmap(stack.bids_dir, "sub-001"), image)
     label_file = save_volume(truth.data, truth.affine, tmp_path / "final.nii.gz")
+    dw = DICOMwebClient(stack.orthanc.dicomweb_url)
+    before = {s["0020000E"]["Value"][0] for s in dw.search_for_series(search_filters={"Modality": "SEG"})}
     res = client.save_label(t2_id, str(label_file), tag="final")
     assert res["image"] == t2_id
 
-    dw = DICOMwebClient(stack.orthanc.dicomweb_url)
-    segs = dw.search_for_series(search_filters={"Modality": "SEG"})
+    segs = [s for s in dw.search_for_series(search_filters={"Modality": "SEG"}) if s["0020000E"]["Value"][0] not in before]
     assert len(segs) == 1 and segs[0]["0020000D"]["Value"] == [stack.study.study_uid]
     ds = dw.retrieve_series(stack.study.study_uid, segs[0]["0020000E"]["Value"][0])[0]
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == t2_id

@@ -38,8 +38,6 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
-from pydicom.dataset import Dataset
-
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
