@@ -33,10 +33,11 @@ def app_dicomweb():
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory, phantom_dir):
-    """Orthanc holding the two phantom studies, plus a study with a T2w series and no T1w."""
+    """Orthanc holding the first phantom subject as a study, plus a study with a T2w series and no T1w."""
     work = tmp_path_factory.mktemp("orthanc")
-    studies = dicom.bids_to_dicom(phantom_dir, work / "dicom")
-    t2 = load_volume(phantom_dir / "sub-002" / "anat" / "sub-002_T2w.nii.gz")
+    anat = phantom_dir / "sub-001" / "anat"
+    studies = [dicom.write_study(anat / "sub-001_T2w.nii.gz", anat / "sub-001_T1w.nii.gz", work / "dicom" / "sub-001", "sub-001")]
+    t2 = load_volume(anat / "sub-001_T2w.nii.gz")
     lone = dicom.volume_to_series(t2, work / "dicom" / "lone", patient_id="sub-lone",
                                   series_description=dicom.T2W_DESCRIPTION, series_number=1)
     with OrthancServer(work / "server") as server:
@@ -53,7 +54,7 @@ def test_qido_finds_mr_series(orthanc):
     client = DICOMwebClient(orthanc.dicomweb_url)
     mr = client.search_for_series(search_filters={"Modality": "MR"}, fields=["SeriesDescription"])
     descriptions = sorted(str(s["0008103E"]["Value"][0]) for s in mr)
-    assert descriptions == ["T1w Gd", "T1w Gd", "T2w", "T2w", "T2w"]
+    assert descriptions == ["T1w Gd", "T2w", "T2w"]
     assert client.search_for_series(search_filters={"Modality": "CT"}) == []
 
 
@@ -107,17 +108,13 @@ def test_fetch_t1_missing_is_a_clear_error(orthanc, datastore):
 
 
 def test_final_label_saved_as_dicom_seg(phantom_dir, orthanc, datastore, tmp_path):
-    s = orthanc.studies[1]
+    s = orthanc.studies[0]
     image = load_volume(datastore.get_image_uri(s.t2_series_uid))
     # the phantom's labels, brought onto the grid of the image as the datastore serves it
     lm = phantom_labelmap(phantom_dir, s.patient_id)
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(nib.Nifti1Image(lm.data, lm.affine))
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.io_orientation(image.affine))
-    data = nib.orientations.apply_orientation(np.asarray(img.dataobj), ornt)
-    label = Volume(data, image.affine, "label")
-    assert_same_image(label, lm, tol=0)
+    label = labelmap_on_image_grid(lm, image)
+    assert s.t2_series_uid not in datastore.get_labeled_images()
+    assert s.t2_series_uid in datastore.get_unlabeled_images()
     label_file = save_volume(label.data, label.affine, tmp_path / "label.nii.gz")
     datastore.save_label(s.t2_series_uid, str(label_file), "final", {"model": "imsct"})
 
@@ -134,8 +131,12 @@ def test_final_label_saved_as_dicom_seg(phantom_dir, orthanc, datastore, tmp_pat
     assert [(g.number, g.label) for g in got] == [(i, n) for n, i in LABELS.items()]
     assert all(max(abs(a - b) for a, b in zip(g.rgb, COLOURS[g.label])) <= 1 for g in got)
     assert_same_image(dicom.read_seg(path), lm, tol=0)
-    # the datastore now reports the T2w series as labelled
+    # the datastore now reports the T2w series as labelled (no stale cache)
     assert s.t2_series_uid in datastore.get_labeled_images()
+    assert s.t2_series_uid not in datastore.get_unlabeled_images()
+    # and serves the final label from its cache on the image grid
+    final = load_volume(datastore.get_label_uri(datastore.get_label_by_image_id(s.t2_series_uid, "final"), "final"))
+    assert_same_image(final, lm, tol=0)
 
 
 @pytest.fixture(scope="session")

@@ -94,6 +94,12 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
         logger.info(f"DICOMweb: {len(series)} {self.t2_description!r} MR series")
         return list(series)
 
+    def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:  # type: ignore[override]
+        """T2w series with a SEG in the server, asked afresh each time: monailabel caches this for
+        ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` (2 h), so a label saved a minute ago still showed the image
+        as unlabelled to the active-learning strategies."""
+        return DICOMWebDatastore.get_labeled_images.__wrapped__(self, label_tag, labels)
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         """A label already in the local cache is served from there. monailabel's DICOMweb datastore
         treats every final label id as a SEG series UID, but the ids that ``save_label`` returns
