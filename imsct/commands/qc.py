@@ -1,11 +1,17 @@
-"""``imsct qc``: an offline HTML quality-control report over many subjects."""
+"""``imsct qc``: an offline HTML quality-control report over many subjects.
+
+Regenerating into the same folder keeps the report's id, so marks already set in the browser stay
+with their subjects (a mark on a label map that changed since is flagged stale). See :mod:`imsct.qc`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 HELP = "Write an offline HTML QC report (overlay mosaics, morphometrics, pass/fail marks) for many subjects."
-EXAMPLE = "imsct qc --dataset bids/ --segs out/ -o qc/   (then open qc/index.html in a browser)"
+EXAMPLE = ("imsct qc --dataset bids/ --segs out/ -o qc/   (then open qc/index.html in a browser)\n"
+           "  imsct qc --t2 a_T2w.nii.gz b_T2w.nii.gz --t1 a_T1w.nii.gz b_T1w.nii.gz "
+           "--seg a_T2w_seg-imsct.nii.gz b_T2w_seg-imsct.nii.gz -o qc/")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,10 +22,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--t1", nargs="+", metavar="T1W", help="T1w images, same order as --t2 (optional)")
     src.add_argument("--seg", nargs="+", metavar="LABELMAP", help="label maps (0 bg, 1 tumour, 2 edema, 3 cavity), same order as --t2")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder (index.html and img/)")
-    parser.add_argument("--force", action="store_true", help="replace a report of a different set of subjects in DIR")
+    parser.add_argument("--title", default="IMSCT QC", help="page title (default: IMSCT QC)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into DIR even though it is not empty and holds no imsct QC report (only the report's own files are written)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import InputError
+    import sys
+    from pathlib import Path
 
-    raise InputError("qc: not implemented yet")
+    from ..io import InputError
+    from ..qc import build_report, subjects_from_dataset, subjects_from_lists
+
+    listed = args.t2 is not None or args.seg is not None or args.t1 is not None
+    if args.dataset is not None or args.segs is not None:
+        if listed:
+            raise InputError("give either --dataset with --segs, or --t2 with --seg (and --t1), not both")
+        if args.dataset is None or args.segs is None:
+            raise InputError("--dataset and --segs go together: the BIDS folder and the folder of its label maps")
+        subjects = subjects_from_dataset(args.dataset, args.segs)
+    elif listed:
+        if args.t2 is None or args.seg is None:
+            raise InputError("--t2 and --seg go together: one label map per T2w image, in the same order")
+        subjects = subjects_from_lists(args.t2, args.seg, args.t1)
+    else:
+        raise InputError("no inputs: give --dataset BIDS_DIR --segs SEG_DIR, or --t2 ... --seg ...")
+
+    try:
+        from tqdm import tqdm
+
+        def progress(items):
+            return tqdm(items, desc="imsct qc", unit="subject", file=sys.stderr)
+    except ImportError:  # the report does not need a progress bar
+        progress = None
+    manifest = build_report(subjects, args.output, title=args.title, force=args.force, progress=progress)
+    index = (Path(args.output) / "index.html").resolve()
+    errors = manifest["errors"]
+    for sid, msg in errors.items():
+        print(f"imsct qc: {sid}: {msg}", file=sys.stderr)
+    print(f"{len(subjects) - len(errors)} of {len(subjects)} subject(s) rendered: {index}")
+    return 1 if errors else 0
