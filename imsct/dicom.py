@@ -69,8 +69,8 @@ def _ds(values) -> list[str]:
 
 @dataclass
 class SeriesGeometry:
-    row_dir: np.ndarray  # LPS unit vector along a row (increasing column index) = NIfTI axis 0
-    col_dir: np.ndarray  # LPS unit vector down a column (increasing row index) = NIfTI axis 1
+    row_dir: np.ndarray  # LPS unit vector along a row (increasing column index) = NIfTI axis 0 of the grid given
+    col_dir: np.ndarray  # LPS unit vector down a column (increasing row index) = NIfTI axis 1 of the grid given
     spacing: np.ndarray  # mm along NIfTI axes 0, 1, 2
     positions: np.ndarray  # (n_slices, 3) LPS position of the first voxel of each slice
 
@@ -89,6 +89,36 @@ def geometry_from_affine(affine: np.ndarray, shape, where: str = "image") -> Ser
     k = np.arange(int(shape[2]))
     positions = lps[:3, 3][None, :] + k[:, None] * cols[:, 2][None, :]
     return SeriesGeometry(units[:, 0], units[:, 1], spacing, positions)
+
+
+# Radiological display directions (LPS) of the image rows (left to right on screen) and columns
+# (top to bottom), by the axis the slice normal is closest to: sagittal, coronal, axial.
+DISPLAY_DIRECTIONS = {
+    0: (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])),  # sagittal: anterior left, head up
+    1: (np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, -1.0])),  # coronal: patient right on the left, head up
+    2: (np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])),   # axial: patient right on the left, anterior up
+}
+
+
+def display_oriented(volume: Volume) -> Volume:
+    """The same image with its two in-plane axes swapped and/or reversed (exactly, no resampling) so
+    that viewers, which draw DICOM pixels as stored, show it the radiological way (head up on
+    sagittal and coronal slices). The slice axis is kept."""
+    data = np.asarray(volume.data)
+    aff = np.array(volume.affine, dtype=np.float64)
+    lps = LPS @ aff
+    units = lps[:3, :2] / np.linalg.norm(lps[:3, :2], axis=0)
+    normal = np.cross(units[:, 0], units[:, 1])
+    want_row, want_col = DISPLAY_DIRECTIONS[int(np.argmax(np.abs(normal)))]
+    if abs(units[:, 1] @ want_row) > abs(units[:, 0] @ want_row):
+        data = data.transpose(1, 0, 2)
+        aff[:, [0, 1]] = aff[:, [1, 0]]
+    for axis, want in ((0, want_row), (1, want_col)):
+        if (LPS @ aff)[:3, axis] @ want < 0:
+            data = np.flip(data, axis)
+            aff[:3, 3] += aff[:3, axis] * (data.shape[axis] - 1)
+            aff[:3, axis] *= -1
+    return Volume(np.ascontiguousarray(data), aff, volume.path)
 
 
 def _quantise(data: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -114,10 +144,12 @@ def volume_to_series(
     frame_of_reference_uid: str | None = None,
     study_date: str = "20240101",
 ) -> list[Path]:
-    """Write one 3D volume as an MR series (one file per slice) into ``out_dir``."""
-    data = np.asarray(volume.data)
-    if data.ndim != 3:
-        raise InputError(f"{volume.path}: expected a 3D image, got shape {data.shape}")
+    """Write one 3D volume as an MR series (one file per slice along its third axis) into ``out_dir``,
+    in-plane axes ordered for display (:func:`display_oriented`)."""
+    if np.asarray(volume.data).ndim != 3:
+        raise InputError(f"{volume.path}: expected a 3D image, got shape {np.asarray(volume.data).shape}")
+    volume = display_oriented(volume)
+    data = volume.data
     geo = geometry_from_affine(volume.affine, data.shape, where=str(volume.path))
     stored, slope, intercept = _quantise(data)
     study_uid = study_uid or _uid(patient_id, "study")
@@ -251,8 +283,9 @@ def _dicom_files(source) -> list[Path]:
 def read_series(source) -> Volume:
     """Read one single-frame DICOM series (a folder or a list of files) as a Volume (RAS+ affine).
 
-    Slices are ordered by their position along the slice normal; the volume's third axis follows
-    that order, so the affine is the one the writer used up to the direction of that axis.
+    Slices are ordered by their position along the slice normal; the volume's first axis runs along
+    the DICOM rows, the second down the columns, the third along the normal. The world geometry is
+    that of the written image; the voxel order may differ from it by flips and swaps of axes.
     """
     files = _dicom_files(source)
     where = str(source if not isinstance(source, list) else files[0].parent)

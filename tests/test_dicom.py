@@ -60,7 +60,7 @@ def test_series_round_trip(phantom_dir, tmp_path, which):
     assert len(files) == vol.shape[2]
     ds = pydicom.dcmread(files[0])
     assert ds.Modality == "MR" and ds.SeriesDescription == "T2w"
-    assert (ds.Columns, ds.Rows) == vol.shape[:2]
+    assert sorted((ds.Columns, ds.Rows)) == sorted(vol.shape[:2])
     slope = float(ds.RescaleSlope)
     assert_same_image(dicom.read_series(tmp_path / "s"), vol, tol=slope / 2 + 1e-3)
     assert_same_image(sitk_read(tmp_path / "s"), vol, tol=slope / 2 + 1e-2)
@@ -69,8 +69,30 @@ def test_series_round_trip(phantom_dir, tmp_path, which):
     assert_same_image(load_volume(out), vol, tol=slope / 2 + 1e-3)
 
 
+def test_display_orientation(phantom_dir):
+    """Slices are laid out the radiological way whatever the voxel order: head up on sagittal slices."""
+    t2 = load_volume(sorted(phantom_dir.glob("sub-*/anat/sub-*_T2w.nii.gz"))[0])
+    assert nib.aff2axcodes(t2.affine)[2] in "LR"  # this phantom is sagittal
+    for vol in (t2, oblique_volume()):
+        for flips in ([1, 1], [-1, 1], [1, -1]):
+            aff = vol.affine.copy()
+            data = np.asarray(vol.data)
+            for axis, f in enumerate(flips):
+                if f < 0:
+                    aff[:3, 3] += aff[:3, axis] * (data.shape[axis] - 1)
+                    aff[:3, axis] *= -1
+                    data = np.flip(data, axis)
+            for swap in (False, True):
+                v = Volume(data.transpose(1, 0, 2), aff[:, [1, 0, 2, 3]], "v") if swap else Volume(data, aff, "v")
+                d = dicom.display_oriented(v)
+                assert_same_image(d, vol, tol=0)
+                lps = dicom.LPS @ d.affine
+                assert lps[:3, 0] @ [0, 1, 0] > 0.7 * np.linalg.norm(lps[:3, 0])  # rows run anterior -> posterior
+                assert lps[:3, 1] @ [0, 0, -1] > 0.7 * np.linalg.norm(lps[:3, 1])  # columns run head -> feet
+
+
 def test_oblique_geometry_in_header(tmp_path):
-    vol = oblique_volume()
+    vol = dicom.display_oriented(oblique_volume())
     files = dicom.volume_to_series(vol, tmp_path, patient_id="p", series_description="x", series_number=3)
     lps = dicom.LPS @ vol.affine
     for k in (0, vol.shape[2] - 1):
