@@ -239,11 +239,13 @@ class StudyFiles:
     files: list[Path]
 
 
-def write_study(t2: Volume | str | os.PathLike, t1: Volume | str | os.PathLike, out_dir: str | os.PathLike, patient_id: str) -> StudyFiles:
-    """One subject as a DICOM study: ``out_dir/T2w/*.dcm`` and ``out_dir/T1w_Gd/*.dcm``."""
+def write_study(t2: Volume | str | os.PathLike, t1: Volume | str | os.PathLike, out_dir: str | os.PathLike, patient_id: str,
+                session: str | None = None) -> StudyFiles:
+    """One subject (one session) as a DICOM study: ``out_dir/T2w/*.dcm`` and ``out_dir/T1w_Gd/*.dcm``."""
     t2v = t2 if isinstance(t2, Volume) else load_volume(t2, "T2w image")
     t1v = t1 if isinstance(t1, Volume) else load_volume(t1, "T1w image")
-    study_uid, for_uid = _uid(patient_id, "study"), _uid(patient_id, "frame")
+    key = f"study-{session}" if session else "study"
+    study_uid, for_uid = _uid(patient_id, key), _uid(patient_id, key, "frame")
     out = Path(out_dir)
     f2 = volume_to_series(t2v, out / "T2w", patient_id=patient_id, series_description=T2W_DESCRIPTION,
                           series_number=1, study_uid=study_uid, frame_of_reference_uid=for_uid)
@@ -254,18 +256,23 @@ def write_study(t2: Volume | str | os.PathLike, t1: Volume | str | os.PathLike, 
 
 
 def bids_to_dicom(bids_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[StudyFiles]:
-    """Every ``sub-*/anat/sub-*_T2w.nii.gz`` with its ``_T1w.nii.gz`` as one study per subject."""
+    """Every ``sub-*/[ses-*/]anat/*_T2w.nii.gz`` with its ``*_T1w.nii.gz`` as one study per subject and
+    session, written to ``out_dir/sub-XXX[/ses-YY]/{T2w,T1w_Gd}/``."""
     bids = Path(bids_dir)
-    studies = []
-    for t2 in sorted(bids.glob("sub-*/anat/sub-*_T2w.nii.gz")):
-        subject = t2.name.split("_")[0]
-        t1 = t2.with_name(f"{subject}_T1w.nii.gz")
+    if not bids.is_dir():
+        raise InputError(f"{bids}: not a folder")
+    t2s = sorted(bids.glob("sub-*/anat/sub-*_T2w.nii.gz")) + sorted(bids.glob("sub-*/ses-*/anat/sub-*_T2w.nii.gz"))
+    if not t2s:
+        raise InputError(f"{bids}: no sub-*/[ses-*/]anat/sub-*_T2w.nii.gz found")
+    pairs = []
+    for t2 in t2s:  # check every pair before writing anything
+        t1 = t2.with_name(t2.name[: -len("_T2w.nii.gz")] + "_T1w.nii.gz")
         if not t1.exists():
-            raise InputError(f"{t1}: T1w image of {subject} not found (needed beside {t2.name})")
-        studies.append(write_study(t2, t1, Path(out_dir) / subject, subject))
-    if not studies:
-        raise InputError(f"{bids}: no sub-*/anat/sub-*_T2w.nii.gz found")
-    return studies
+            raise InputError(f"{t1}: T1w image not found (needed beside {t2.name})")
+        rel = t2.parent.parent.relative_to(bids)
+        pairs.append((t2, t1, rel.parts[0], rel.parts[1] if len(rel.parts) > 1 else None))
+    return [write_study(t2, t1, Path(out_dir).joinpath(sub, *([ses] if ses else [])), sub, session=ses)
+            for t2, t1, sub, ses in pairs]
 
 
 def _dicom_files(source) -> list[Path]:
@@ -488,3 +495,57 @@ def read_seg(path: str | os.PathLike) -> Volume:
     lps[:3, :3] = direction * np.array(img.GetSpacing())[None, :]
     lps[:3, 3] = img.GetOrigin()
     return Volume(data=data.astype(np.uint8), affine=LPS @ lps, path=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: python -m imsct.dicom (and the ``imsct dicom`` sub-command)
+
+HELP = "Convert a BIDS folder of T2w + Gd-T1w NIfTI (e.g. phantoms) to DICOM MR studies; optionally store them in a DICOMweb server."
+EXAMPLE = ("imsct dicom data/phantoms --out data/phantoms-dicom\n"
+           "  imsct dicom data/phantoms --out data/phantoms-dicom --stow http://127.0.0.1:8042/dicom-web")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("bids", help="BIDS folder with sub-*/[ses-*/]anat/sub-*_T2w.nii.gz and _T1w.nii.gz")
+    parser.add_argument("--out", required=True, help="output folder: <out>/sub-XXX[/ses-YY]/{T2w,T1w_Gd}/*.dcm")
+    parser.add_argument("--stow", metavar="URL", help="DICOMweb root to store the studies in (STOW-RS), "
+                        "e.g. http://127.0.0.1:8042/dicom-web for Orthanc")
+    parser.add_argument("--quiet", action="store_true", help="print nothing per study")
+
+
+def run(args) -> int:
+    studies = bids_to_dicom(args.bids, args.out)
+    client = None
+    if args.stow:
+        from dicomweb_client import DICOMwebClient
+
+        client = DICOMwebClient(args.stow.rstrip("/"))
+    for s in studies:
+        if client is not None:
+            try:
+                client.store_instances([pydicom.dcmread(f) for f in s.files])
+            except Exception as exc:  # connection refused, HTTP error: name the server and the study
+                raise InputError(f"{args.stow}: storing study {s.study_uid} of {s.patient_id} failed ({exc})") from None
+        if not args.quiet:
+            where = f", stored in {args.stow}" if client is not None else ""
+            print(f"{s.patient_id}: study {s.study_uid} (T2w {s.t2_series_uid}, T1w Gd {s.t1_series_uid}){where}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m imsct.dicom", description=HELP, epilog=f"example:\n  {EXAMPLE}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except InputError as exc:
+        print(f"imsct dicom: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -198,3 +198,33 @@ def test_monailabel_server_infer_and_save_through_orthanc(stack, tmp_path):
     ds.save_as(seg_path)
     assert [(s.number, s.label) for s in dicom.seg_segments(seg_path)] == [(i, n) for n, i in LABELS.items()]
     assert_same_image(dicom.read_seg(seg_path), truth, tol=0)
+
+
+def test_command_converts_bids_and_stores_in_orthanc(phantom_dir, orthanc, tmp_path, capsys):
+    """``python -m imsct.dicom BIDS --out DIR --stow URL`` (subjects with and without sessions); storing the
+    same subject twice gives the same UIDs, so Orthanc holds no duplicates. Runs last: it adds a study."""
+    from orthanc_server import free_port
+
+    bids = tmp_path / "bids"
+    (bids / "sub-001").mkdir(parents=True)
+    (bids / "sub-001" / "anat").symlink_to(phantom_dir / "sub-001" / "anat")
+    ses = bids / "sub-009" / "ses-02" / "anat"
+    ses.mkdir(parents=True)
+    for c in ("T2w", "T1w"):
+        (ses / f"sub-009_ses-02_{c}.nii.gz").symlink_to(phantom_dir / "sub-001" / "anat" / f"sub-001_{c}.nii.gz")
+    client = DICOMwebClient(orthanc.dicomweb_url)
+    before = {s["0020000E"]["Value"][0] for s in client.search_for_series(search_filters={"Modality": "MR"})}
+
+    assert dicom.main([str(bids), "--out", str(tmp_path / "dcm"), "--stow", orthanc.dicomweb_url]) == 0
+    out = capsys.readouterr().out
+    assert "sub-001: study" in out and "sub-009: study" in out
+    assert (tmp_path / "dcm" / "sub-009" / "ses-02" / "T1w_Gd").is_dir()
+    after = {s["0020000E"]["Value"][0] for s in client.search_for_series(search_filters={"Modality": "MR"})}
+    assert before <= after and len(after - before) == 2  # sub-001 again: nothing new; sub-009 ses-02: T2w + T1w Gd
+    studies = client.search_for_studies(search_filters={"PatientID": "sub-009"})
+    assert len(studies) == 1
+
+    # a server that is not there: one clear line, exit 2
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    assert dicom.main([str(bids), "--out", str(tmp_path / "dcm2"), "--stow", dead, "--quiet"]) == 2
+    assert f"imsct dicom: error: {dead}: storing study" in capsys.readouterr().err
