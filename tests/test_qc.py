@@ -1,0 +1,290 @@
+"""QC report: overlay pixels where the labels are (orientation, aspect, colours), command-line
+errors, escaping, and the page itself in real headless Chromium (loads cleanly, one entry per
+subject, marks, export, reload, a regenerated report keeping the marks and flagging changed ones)."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from imsct.cli import main as cli
+from imsct.io import save_volume
+from imsct.labels import COLOURS, LABELS
+from imsct.qc import ALPHA, build_report, render_mosaic, subjects_from_lists
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+# ----------------------------------------------------------------------------- synthetic volume
+
+FOV_MM = {"S": 60.0, "A": 40.0, "R": 10.0}  # superior-inferior, anterior-posterior, left-right
+VOXEL_MM = {"S": 0.5, "A": 1.0, "R": 2.0}
+
+
+def synthetic(axcodes: tuple[str, str, str]):
+    """Image (a ramp) and label map on a grid with the given axis codes: tumour in the superior
+    anterior quarter, edema in the inferior posterior quarter, both in every sagittal slice."""
+    letters = {"R": "R", "L": "R", "A": "A", "P": "A", "S": "S", "I": "S"}
+    world_axis = {"R": 0, "A": 1, "S": 2}
+    affine = np.diag([0.0, 0.0, 0.0, 1.0])
+    shape = []
+    for i, code in enumerate(axcodes):
+        kind = letters[code]
+        n = int(round(FOV_MM[kind] / VOXEL_MM[kind]))
+        shape.append(n)
+        sign = 1.0 if code in "RAS" else -1.0
+        affine[world_axis[kind], i] = sign * VOXEL_MM[kind]
+        affine[world_axis[kind], 3] = -sign * VOXEL_MM[kind] * (n - 1) / 2  # centred on the origin
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    image = (100 + xyz[..., 2] + 0.5 * xyz[..., 1]).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[(xyz[..., 2] > 8) & (xyz[..., 2] < 22) & (xyz[..., 1] > 4) & (xyz[..., 1] < 14)] = LABELS["tumor"]
+    lab[(xyz[..., 2] < -8) & (xyz[..., 2] > -22) & (xyz[..., 1] < -4) & (xyz[..., 1] > -14)] = LABELS["edema"]
+    return image, lab, affine
+
+
+def class_pixels(mosaic, name: str) -> np.ndarray:
+    """Pixels of the overlay showing class ``name``: the plain image blended with its colour, or
+    the colour itself (outline)."""
+    colour = np.asarray(COLOURS[name], float)
+    plain = mosaic.plain.astype(float)
+    ov = mosaic.overlay.astype(float)
+    blend = (1 - ALPHA) * plain + ALPHA * colour
+    changed = np.any(ov != plain, axis=2)
+    return changed & (np.all(np.abs(ov - blend) <= 1.01, axis=2) | np.all(ov == colour, axis=2))
+
+
+@pytest.mark.parametrize("axcodes", [("S", "A", "R"), ("L", "P", "I"), ("A", "R", "S")])
+def test_overlay_colours_where_the_labels_are(axcodes):
+    image, lab, affine = synthetic(axcodes)
+    assert tuple(nib.aff2axcodes(affine)) == axcodes
+    mosaic = render_mosaic(image, lab, affine)
+    n_slices = int(round(FOV_MM["R"] / VOXEL_MM["R"]))
+    assert len(mosaic.tiles) == n_slices  # the lesion is in every slice: all are shown
+    changed = np.any(mosaic.overlay != mosaic.plain, axis=2)
+    tumour, edema = class_pixels(mosaic, "tumor"), class_pixels(mosaic, "edema")
+    assert not (changed & ~tumour & ~edema).any(), "overlay pixels in colours other than the labels'"
+    for tile in mosaic.tiles:
+        x0, w, h = tile["x0"], tile["width"], tile["height"]
+        # square millimetres: the tile's height / width is the field's SI / AP ratio
+        assert abs(h / w - FOV_MM["S"] / FOV_MM["A"]) < 0.05
+        for mask, expect in ((tumour, "upper-left"), (edema, "lower-right")):
+            ys, xs = np.nonzero(mask[:, x0 : x0 + w])
+            assert ys.size > 0.04 * w * h, f"{expect} lesion missing in tile {tile}"
+            # superior up, anterior left: tumour (superior, anterior) upper left; edema lower right
+            up, left = ys.mean() < h / 2, xs.mean() < w / 2
+            assert (up, left) == ((True, True) if expect == "upper-left" else (False, False)), (axcodes, expect, ys.mean(), xs.mean(), h, w)
+            # the lesion's share of the tile matches its share of the field (14 x 10 mm of 60 x 40)
+            assert abs(ys.size / (w * h) - (14 * 10) / (60 * 40)) < 0.02
+    # outside the labels the overlay is the plain image, and the plain image is grey
+    assert np.array_equal(mosaic.overlay[~changed], mosaic.plain[~changed])
+    assert (mosaic.plain[..., 0] == mosaic.plain[..., 1]).mean() > 0.97  # grey but for the captions
+
+
+def test_subject_text_is_escaped(tmp_path):
+    image, lab, affine = synthetic(("S", "A", "R"))
+    weird = "<img src=x onerror=alert(1)>&\"'"
+    t2 = save_volume(image, affine, tmp_path / f"{weird}_T2w.nii.gz", np.float32)
+    seg = save_volume(lab, affine, tmp_path / "seg.nii.gz")
+    out = tmp_path / "qc"
+    build_report(subjects_from_lists([t2], [seg]), out)
+    page = (out / "index.html").read_text()
+    assert "<img src=x" not in page and "onerror=alert(1)>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;&amp;&quot;&#x27;" in page
+    pngs = sorted(p.name for p in (out / "img").iterdir())
+    assert len(pngs) == 2 and all(set(n) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") for n in pngs)
+
+
+def test_qc_command_bad_input(phantom_dir, tmp_path, capsys):
+    segs = tmp_path / "segs"
+    segs.mkdir()
+    out = tmp_path / "qc"
+    assert cli(["qc", "--dataset", str(phantom_dir), "--segs", str(segs), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(segs / "sub-001_T2w_seg-imsct.nii.gz") in err[0] and "not found" in err[0]
+    assert not out.exists()  # nothing written
+    t2 = phantom_dir / "sub-001" / "anat" / "sub-001_T2w.nii.gz"
+    assert cli(["qc", "--t2", str(t2), str(t2), "--seg", str(t2), "-o", str(out)]) == 2
+    assert "1 label map(s) for 2 T2w" in capsys.readouterr().err
+    # a folder that is not empty and is no QC report is refused, untouched
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert cli(["qc", "--t2", str(t2), "--seg", str(t2), "-o", str(foreign)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+# ----------------------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="module")
+def report(phantom_dir, tmp_path_factory):
+    """The report of the two phantom subjects over their truth label maps, built by ``imsct qc``."""
+    from imsct.bids import find_cases
+    from imsct.evaluation import truth_labelmap
+    from imsct.io import load_volume
+    from imsct.runner import output_paths
+
+    root = tmp_path_factory.mktemp("qc")
+    segs = root / "segs"
+    for case in find_cases(phantom_dir):
+        t2 = load_volume(case.t2)
+        save_volume(truth_labelmap(case, t2.shape), t2.affine, output_paths(case.name, segs)["labelmap"])
+    out = root / "report"
+    args = ["qc", "--dataset", str(phantom_dir), "--segs", str(segs), "-o", str(out)]
+    assert cli(args) == 0
+    return {"out": out, "segs": segs, "args": args, "downloads": root / "downloads"}
+
+
+@pytest.fixture(scope="module")
+def browser(report):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (Debian package 'chromium'); the browser test needs it")
+    assert CHROMEDRIVER.exists(), f"{CHROMEDRIVER} is missing: install the Debian package 'chromium-driver'"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    report["downloads"].mkdir()
+    profile = report["downloads"].parent / "profile"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,1000"):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(report["downloads"]),
+                                           "download.prompt_for_download": False})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _open(driver, out: Path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get((out / "index.html").as_uri())
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script(
+            "return document.readyState === 'complete' && !!window.imsctQC && "
+            "Array.from(document.images).every(i => i.complete)"
+        )
+    )
+
+
+def _severe(driver) -> list:
+    return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+def _counts(driver) -> dict:
+    box = driver.find_element("id", "summary")
+    return {k: int(box.get_attribute(f"data-{k}")) for k in ("pass", "fail", "unset")}
+
+
+def _wait_for_file(folder: Path, pattern: str, seconds: float = 20.0) -> Path:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        done = [p for p in folder.glob(pattern) if not p.name.endswith(".crdownload")]
+        if done:
+            return done[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern} appeared in {folder}: {sorted(p.name for p in folder.iterdir())}")
+
+
+def test_report_in_chromium(report, browser):
+    from selenium.webdriver.common.by import By
+
+    out, driver = report["out"], browser
+    _open(driver, out)
+    assert _severe(driver) == []
+    images = driver.execute_script(
+        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight])"
+    )
+    assert len(images) == 2 * 2 * 2  # two subjects x (T2w, T1w) x (overlay, plain)
+    assert all(w > 0 and h > 0 for _, w, h in images), images
+    for src, w, h in images:  # the page shows the PNG files next to it
+        assert (out / src.split("?")[0]).is_file()
+    entries = driver.find_elements(By.CSS_SELECTOR, "section.subject")
+    assert [e.get_attribute("data-subject") for e in entries] == ["sub-001", "sub-002"]
+    assert [len(e.find_elements(By.CSS_SELECTOR, "table.morpho tbody tr")) > 0 for e in entries] == [True, True]
+    assert _counts(driver) == {"pass": 0, "fail": 0, "unset": 2}
+
+    entries[0].find_element(By.CSS_SELECTOR, "button[data-mark=pass]").click()
+    entries[1].find_element(By.CSS_SELECTOR, "button[data-mark=fail]").click()
+    entries[1].find_element(By.CSS_SELECTOR, "textarea.comment").send_keys("edema <missed> & cavity")
+    assert _counts(driver) == {"pass": 1, "fail": 1, "unset": 0}
+    assert "1 pass, 1 fail, 0 unset" in driver.find_element(By.ID, "summary").text
+    expected = {"sub-001": {"qc": "pass", "comment": ""}, "sub-002": {"qc": "fail", "comment": "edema <missed> & cavity"}}
+    assert driver.execute_script("return window.imsctQC.exportData()") == expected
+
+    # the Export button downloads the same JSON as a file
+    driver.find_element(By.ID, "export").click()
+    exported = json.loads(_wait_for_file(report["downloads"], "qc-*.json").read_text())
+    assert exported == expected
+
+    # marks survive a reload
+    driver.refresh()
+    _open(driver, out)
+    entries = driver.find_elements(By.CSS_SELECTOR, "section.subject")
+    assert _counts(driver) == {"pass": 1, "fail": 1, "unset": 0}
+    assert entries[1].find_element(By.CSS_SELECTOR, "button[data-mark=fail]").get_attribute("aria-pressed") == "true"
+    assert entries[1].find_element(By.CSS_SELECTOR, "textarea.comment").get_attribute("value") == "edema <missed> & cavity"
+
+    # keyboard: j goes to the first subject, u unsets it
+    driver.find_element(By.TAG_NAME, "body").send_keys("ju")
+    assert _counts(driver) == {"pass": 0, "fail": 1, "unset": 1}
+    entries[0].find_element(By.CSS_SELECTOR, "button[data-mark=pass]").click()
+    assert _severe(driver) == []
+
+    # regenerate after sub-002's label map changed: same report id, marks kept, sub-002's flagged stale
+    report_id = json.loads((out / "report.json").read_text())["report_id"]
+    seg2 = report["segs"] / "sub-002_T2w_seg-imsct.nii.gz"
+    img = nib.load(seg2)
+    data = np.asarray(img.dataobj).copy()
+    data[tuple(np.argwhere(data > 0)[0])] = 0
+    save_volume(data, img.affine, seg2)
+    assert cli(report["args"]) == 0
+    assert json.loads((out / "report.json").read_text())["report_id"] == report_id
+    _open(driver, out)
+    assert _counts(driver) == {"pass": 1, "fail": 1, "unset": 0}
+    stale = [e.find_element(By.CSS_SELECTOR, ".stale").is_displayed()
+             for e in driver.find_elements(By.CSS_SELECTOR, "section.subject")]
+    assert stale == [False, True]
+    data = driver.execute_script("return window.imsctQC.exportData()")
+    assert data["sub-002"] == {**expected["sub-002"], "stale": True} and data["sub-001"] == expected["sub-001"]
+    assert _severe(driver) == []
+
+
+def test_failed_subject_listed_empty_label_map_rendered(tmp_path, capsys):
+    image, lab, affine = synthetic(("S", "A", "R"))
+    ok_t2 = save_volume(image, affine, tmp_path / "sub-a_T2w.nii.gz", np.float32)
+    empty = save_volume(np.zeros_like(lab), affine, tmp_path / "sub-a_seg.nii.gz")
+    bad_t2 = save_volume(image, affine, tmp_path / "sub-b_T2w.nii.gz", np.float32)
+    shifted = affine.copy()
+    shifted[:3, 3] += 5.0
+    bad_seg = save_volume(lab, shifted, tmp_path / "sub-b_seg.nii.gz")
+    out = tmp_path / "qc"
+    rc = cli(["qc", "--t2", str(ok_t2), str(bad_t2), "--seg", str(empty), str(bad_seg), "-o", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"sub-b: label map {bad_seg}: its grid" in err
+    manifest = json.loads((out / "report.json").read_text())
+    assert [s["id"] for s in manifest["subjects"]] == ["sub-a", "sub-b"] and list(manifest["errors"]) == ["sub-b"]
+    page = (out / "index.html").read_text()
+    assert page.count('<section class="subject"') == 2 and "Could not render: label map" in page
+    # an empty label map shows central slices without any overlay
+    assert sorted(p.name for p in (out / "img").iterdir()) == ["sub-a_t2.png", "sub-a_t2_plain.png"]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out / "img" / "sub-a_t2.png")), np.asarray(Image.open(out / "img" / "sub-a_t2_plain.png")))
