@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .io import InputError, voxel_volume_mm3
-from .labels import LABELS, STAGE2_CHANNELS
+from .io import InputError, load_volume, strip_nifti_ext, voxel_volume_mm3
+from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES, STAGE2_CHANNELS
 from .postprocess import split_masks
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
@@ -182,6 +182,58 @@ def levels_spanned(z_lo: float, z_hi: float, levels: list[dict] | None) -> list[
         if z_hi >= bottom and z_lo <= v["z_top_mm"]:
             names.append(v["level"])
     return names
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def _class_of(path: Path) -> str | None:
+    """The class of a binary mask from its SCT suffix, ``"whole-tumor"``, or None for a label map."""
+    stem = strip_nifti_ext(path.name)
+    for name, suffix in sorted(SEG_SUFFIXES.items(), key=lambda kv: -len(kv[1])):
+        if stem.endswith(suffix):
+            return name
+    return None
+
+
+def read_labelmap(paths: list[str]):
+    """One label map (0..3) from a label map, or from binary masks named ``*_seg-tumor`` /
+    ``*_seg-edema`` / ``*_seg-cavity``, all on one grid: ``(labelmap, affine, base)`` where ``base``
+    is the first file's path without its extension and SCT suffix."""
+    if not paths:
+        raise InputError("label map: no file given")
+    labelmap = affine = first = None
+    owner: dict[int, Path] = {}
+    for raw in paths:
+        p = Path(raw)
+        cls = _class_of(p)
+        if cls == "whole-tumor":
+            raise InputError(f"mask {p}: the whole tumour is the union of the classes; give the label map or the "
+                             "tumor / edema / cavity masks instead")
+        role = "label map" if cls is None else f"{cls} mask"
+        vol = load_volume(p, role)
+        data = vol.data
+        top = max(LABELS.values()) if cls is None else 1
+        if not np.array_equal(data, np.round(data)) or data.min() < 0 or data.max() > top:
+            raise InputError(f"{role} {p}: values must be integers from 0 to {top} "
+                             f"(found {float(data.min()):g} to {float(data.max()):g})")
+        if labelmap is None:
+            labelmap, affine, first = np.zeros(vol.shape, np.uint8), vol.affine, p
+        elif vol.shape != labelmap.shape or not np.allclose(vol.affine, affine, atol=1e-3):
+            raise InputError(f"{p}: grid {vol.shape} differs from {first}'s {labelmap.shape} (shape or affine); "
+                             "all inputs must be on one grid")
+        values = data.astype(np.uint8) if cls is None else (data > 0).astype(np.uint8) * LABELS[cls]
+        overlap = (labelmap > 0) & (values > 0)
+        if overlap.any():
+            other = owner.get(int(labelmap[overlap][0]), first)
+            raise InputError(f"{p}: {int(overlap.sum())} voxels are also labelled in {other}; classes must not overlap")
+        labelmap[values > 0] = values[values > 0]
+        for v in np.unique(values[values > 0]):
+            owner[int(v)] = p
+    name = strip_nifti_ext(first.name)
+    for suffix in (LABELMAP_SUFFIX, *SEG_SUFFIXES.values()):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return labelmap, affine, first.parent / name
 
 
 # ---- measuring -------------------------------------------------------------------------------
@@ -344,4 +396,4 @@ def write_tables(result: dict, out_prefix: str | os.PathLike) -> tuple[Path, Pat
     return csv_path, json_path
 
 
-__all__ = ["measure", "write_tables", "load_levels", "levels_spanned", "CordAxis", "SuperiorAxis", "CONNECTIVITY"]
+__all__ = ["measure", "write_tables", "load_levels", "read_labelmap", "levels_spanned", "CordAxis", "SuperiorAxis", "CONNECTIVITY"]

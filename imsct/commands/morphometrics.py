@@ -26,66 +26,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="writes PREFIX.csv and PREFIX.json (default: <input name>_morphometrics beside the first input)")
 
 
-def _class_of(path: Path) -> str | None:
-    """The class of a binary mask from its SCT suffix, ``"whole-tumor"``, or None for a label map."""
-    from ..io import strip_nifti_ext
-    from ..labels import SEG_SUFFIXES
+def __getattr__(name: str):
+    """``read_labelmap`` moved to :mod:`imsct.morphometrics`; still importable from here, lazily
+    (``imsct --help`` imports every command module and must stay light)."""
+    if name == "read_labelmap":
+        from ..morphometrics import read_labelmap
 
-    stem = strip_nifti_ext(path.name)
-    for name, suffix in sorted(SEG_SUFFIXES.items(), key=lambda kv: -len(kv[1])):
-        if stem.endswith(suffix):
-            return name
-    return None
-
-
-def read_labelmap(paths: list[str]):
-    """One label map from a label map or class masks on one grid: ``(labelmap, affine, base name)``."""
-    import numpy as np
-
-    from ..io import InputError, load_volume, strip_nifti_ext
-    from ..labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES
-
-    labelmap = affine = first = None
-    owner: dict[int, Path] = {}
-    for raw in paths:
-        p = Path(raw)
-        cls = _class_of(p)
-        if cls == "whole-tumor":
-            raise InputError(f"mask {p}: the whole tumour is the union of the classes; give the label map or the "
-                             "tumor / edema / cavity masks instead")
-        role = "label map" if cls is None else f"{cls} mask"
-        vol = load_volume(p, role)
-        data = vol.data
-        top = max(LABELS.values()) if cls is None else 1
-        if not np.array_equal(data, np.round(data)) or data.min() < 0 or data.max() > top:
-            raise InputError(f"{role} {p}: values must be integers from 0 to {top} "
-                             f"(found {float(data.min()):g} to {float(data.max()):g})")
-        if labelmap is None:
-            labelmap, affine, first = np.zeros(vol.shape, np.uint8), vol.affine, p
-        elif vol.shape != labelmap.shape or not np.allclose(vol.affine, affine, atol=1e-3):
-            raise InputError(f"{p}: grid {vol.shape} differs from {first}'s {labelmap.shape} (shape or affine); "
-                             "all inputs must be on one grid")
-        values = data.astype(np.uint8) if cls is None else (data > 0).astype(np.uint8) * LABELS[cls]
-        overlap = (labelmap > 0) & (values > 0)
-        if overlap.any():
-            other = owner.get(int(labelmap[overlap][0]), first)
-            raise InputError(f"{p}: {int(overlap.sum())} voxels are also labelled in {other}; classes must not overlap")
-        labelmap[values > 0] = values[values > 0]
-        for v in np.unique(values[values > 0]):
-            owner[int(v)] = p
-    name = strip_nifti_ext(first.name)
-    for suffix in (LABELMAP_SUFFIX, *SEG_SUFFIXES.values()):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return labelmap, affine, first.parent / name
+        return read_labelmap
+    raise AttributeError(name)
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..io import InputError, load_volume
-    from ..morphometrics import load_levels, measure, write_tables
+    from ..morphometrics import load_levels, measure, read_labelmap, write_tables
 
     levels = load_levels(args.levels) if args.levels else None
     labelmap, affine, base = read_labelmap(args.input)
