@@ -76,8 +76,8 @@ def server(cases, tmp_path_factory):
     shutil.copy(cases["sub-001"]["t1"], studies / "T1w" / "sub-001.nii.gz")
     port = _free_port()
     log_path = studies.parent / "server.log"
-    conf = {"retrain_after": 2, "train_iterations": 1, "train_batch_size": 1, "tumour_patch": "32,32,16",
-            "gate_tolerance": 1, "mc_samples": 2}
+    conf = {"retrain_after": 2, "retrain_models": "tumour,localiser", "train_iterations": 1, "train_batch_size": 1,
+            "tumour_patch": "32,32,16", "localiser_patch": "32,32,16", "gate_tolerance": 1, "mc_samples": 2}
     # serve.py = monailabel start_server --app apps/imsct_label, on 127.0.0.1 unless --host is given
     cmd = [sys.executable, str(APP / "serve.py"), "--studies", str(studies), "--port", str(port)]
     for k, v in conf.items():
@@ -137,6 +137,14 @@ def test_server_listens_on_loopback_only(server):
 
     ports = [c.laddr for c in psutil.Process(server["proc"].pid).net_connections("inet") if c.status == psutil.CONN_LISTEN]
     assert ports and all(a.ip == "127.0.0.1" for a in ports), ports
+
+
+def _get(server, path: str):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(server["client"].get_server_url().rstrip("/") + path, timeout=30) as r:
+        return json.loads(r.read())
 
 
 def _error(call) -> str:
@@ -263,23 +271,27 @@ def test_final_labels_scored_and_retraining_fired(server, cases):
     assert stored["whole-tumor"] == pytest.approx(dice(orig > 0, truth > 0), abs=1e-4)
 
     res2 = client.save_label("sub-002", str(cases["sub-002"]["truth"]), tag="final")
-    assert "tumour" in res2["retrain"]  # the second new final label starts a round
+    assert {"tumour", "localiser"} <= set(res2["retrain"])  # the second new final label starts both trainers
+    assert res2["new_final_labels"] == 0
     deadline = time.monotonic() + TRAIN_WAIT_S
     while True:
-        st = client.train_status()
-        if st.get("status") not in ("SUBMITTED", "RUNNING"):
+        tasks = _get(server, "/train/?all=true")
+        if all(t["status"] not in ("SUBMITTED", "RUNNING") for t in tasks):
             break
         assert time.monotonic() < deadline, "retraining did not finish"
         time.sleep(3)
-    assert st["status"] == "DONE", st
-    stats = client.info()["train_stats"]["tumour"]
-    assert stats["rounds"] == 1
-    assert stats["last_round"]["published"] is True, stats
+    assert [t["request"]["model"] for t in tasks] == ["tumour", "localiser"]
+    assert all(t["status"] == "DONE" for t in tasks), tasks
+    info = client.info()
+    stats = info["train_stats"]["tumour"]
+    assert stats["rounds"] == 2 and stats["published_rounds"] == 2, stats
+    assert stats["last_round"]["stage"] == 1 and stats["last_round"]["published"] is True
     assert stats["split"]["default"] == {"train": 1, "validation": 1}
 
-    # the new model is served without a restart
-    sha1 = client.info()["models"]["cascade"]["weights"]["model.pt"]["sha256"]
-    assert sha1 != sha0
+    # the new models are served without a restart
+    weights = info["models"]["cascade"]["weights"]
+    assert weights["model.pt"]["sha256"] != sha0
+    assert weights["localiser.pt"]["sha256"] != info0["models"]["cascade"]["weights"]["localiser.pt"]["sha256"]
     out, params = client.infer("tumour", "sub-002", {})
-    assert params["model_version"]["model.pt"]["sha256"] == sha1
+    assert params["model_version"] == weights
     assert server["proc"].poll() is None
