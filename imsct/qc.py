@@ -435,7 +435,7 @@ def _entry_html(index: int, subject: Subject, info: dict | None, error: str | No
                 f'<figure class="mosaic"><figcaption>{_e(im["title"])} <span class="muted">sagittal, slices '
                 f'{_e(", ".join(map(str, im["slices"])))}</span></figcaption>'
                 f'<img class="ov" src="img/{_e(im["overlay"])}?v={v}" width="{im["width"]}" height="{im["height"]}" alt="{alt} with labels">'
-                f'<img class="plain" src="img/{_e(im["plain"])}?v={v}" width="{im["width"]}" height="{im["height"]}" alt="{alt}">'
+                f'<img class="plain" loading="lazy" src="img/{_e(im["plain"])}?v={v}" width="{im["width"]}" height="{im["height"]}" alt="{alt}">'
                 "</figure>"
             )
         parts.append(morphometrics_table(info.get("morphometrics")))

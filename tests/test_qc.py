@@ -178,7 +178,7 @@ def _open(driver, out: Path):
     WebDriverWait(driver, 30).until(
         lambda d: d.execute_script(
             "return document.readyState === 'complete' && !!window.imsctQC && "
-            "Array.from(document.images).every(i => i.complete)"
+            "Array.from(document.images).every(i => i.complete || i.loading === 'lazy')"
         )
     )
 
@@ -204,17 +204,25 @@ def _wait_for_file(folder: Path, pattern: str, seconds: float = 20.0) -> Path:
 
 def test_report_in_chromium(report, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     out, driver = report["out"], browser
     _open(driver, out)
     assert _severe(driver) == []
-    images = driver.execute_script(
-        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight])"
-    )
-    assert len(images) == 2 * 2 * 2  # two subjects x (T2w, T1w) x (overlay, plain)
-    assert all(w > 0 and h > 0 for _, w, h in images), images
-    for src, w, h in images:  # the page shows the PNG files next to it
+    images_js = "return Array.from(document.querySelectorAll('img.' + arguments[0])).map(i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight, i.complete])"
+    images = driver.execute_script(images_js, "ov")
+    assert len(images) == 2 * 2  # two subjects x (T2w, T1w), with overlays
+    assert all(w > 0 and h > 0 for _, w, h, _ in images), images
+    for src, *_ in images:  # the page shows the PNG files next to it
         assert (out / src.split("?")[0]).is_file()
+    # 'o' swaps to the images without overlays (loaded when first shown)
+    driver.find_element(By.TAG_NAME, "body").send_keys("o")
+    assert "no-overlay" in driver.find_element(By.TAG_NAME, "body").get_attribute("class")
+    WebDriverWait(driver, 30).until(lambda d: all(c for *_, c in d.execute_script(images_js, "plain")))
+    plain = driver.execute_script(images_js, "plain")
+    assert len(plain) == 4 and all(w > 0 and h > 0 for _, w, h, _ in plain), plain
+    assert [w for _, w, _, _ in plain] == [w for _, w, _, _ in images]
+    driver.find_element(By.TAG_NAME, "body").send_keys("o")
     entries = driver.find_elements(By.CSS_SELECTOR, "section.subject")
     assert [e.get_attribute("data-subject") for e in entries] == ["sub-001", "sub-002"]
     assert [len(e.find_elements(By.CSS_SELECTOR, "table.morpho tbody tr")) > 0 for e in entries] == [True, True]
@@ -263,6 +271,11 @@ def test_report_in_chromium(report, browser):
     assert stale == [False, True]
     data = driver.execute_script("return window.imsctQC.exportData()")
     assert data["sub-002"] == {**expected["sub-002"], "stale": True} and data["sub-001"] == expected["sub-001"]
+    # importing an export restores marks for the report's subjects and ignores others
+    n = driver.execute_script("return window.imsctQC.importData(arguments[0])",
+                              {"sub-001": {"qc": "fail", "comment": "re-read"}, "sub-999": {"qc": "pass"}})
+    assert n == 1 and _counts(driver) == {"pass": 0, "fail": 2, "unset": 0}
+    assert driver.execute_script("return window.imsctQC.exportData()")["sub-001"] == {"qc": "fail", "comment": "re-read"}
     assert _severe(driver) == []
 
 
