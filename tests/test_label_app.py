@@ -132,6 +132,22 @@ def test_serve_command_line_defaults_to_loopback(tmp_path):
     assert serve.make_demo(tmp_path, 1) == []  # an existing datastore is left as it is
 
 
+def test_bad_app_options_are_named():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("imsct_label_config", APP / "lib" / "config.py")
+    cfg = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = cfg  # dataclasses look their module up
+    spec.loader.exec_module(cfg)
+    ok = cfg.AppConfig.from_conf({"retrain_after": "3"}, str(APP), "/data/studies")
+    assert ok.retrain_after == 3 and ok.models_dir == Path("/data/studies/.imsct/models")
+    assert ok.shipped_models == ROOT / "bundle" / "models"
+    for conf, words in (({"tumour_patch": "30,30,30"}, "tumour_patch"), ({"retrain_after": "many"}, "retrain_after"),
+                        ({"retrain_models": "tumour,spleen"}, "spleen"), ({"mc_samples": "1"}, "at least 2")):
+        with pytest.raises(cfg.ConfError, match=words):
+            cfg.AppConfig.from_conf(conf, str(APP), "/data/studies")
+
+
 def test_server_listens_on_loopback_only(server):
     import psutil
 

@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,9 @@ TUMOUR_MODELS = ("cascade", "tumour")  # models whose output is a tumour label m
 class IMSCTApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.cfg = AppConfig.from_conf(conf, app_dir, studies)
+        if "start_server" in sys.argv and not any(a in ("--host", "-i") or a.startswith("--host=") for a in sys.argv):
+            log.warning("monailabel start_server without --host listens on 0.0.0.0 (every interface); "
+                        "use --host 127.0.0.1 or apps/imsct_label/serve.py unless the server must be reachable from the network")
         seed_models(self.cfg.models_dir, self.cfg.shipped_models)
         self.store = ModelStore(self.cfg.models_dir, device=self.cfg.device)
         self._retrain_lock = threading.Lock()

@@ -20,7 +20,8 @@ LOOPBACK = "127.0.0.1"
 
 def server_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """This script's own options, and the ``monailabel`` command line they stand for."""
-    ap = argparse.ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0],
+                                 epilog="Other options (--port, --host, --conf KEY VALUE, ...) go to monailabel start_server.")
     ap.add_argument("--studies", required=True, help="datastore: a folder, or a DICOMweb URL")
     ap.add_argument("--demo-cases", type=int, default=0, help="fill an empty studies folder with N phantom cases first")
     ap.add_argument("--demo-seed", type=int, default=7)
