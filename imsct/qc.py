@@ -6,6 +6,9 @@ the lesion morphometrics, and pass / fail buttons plus a comment box. The review
 the browser's ``localStorage`` under the report's id and can be exported as JSON
 (``{subject: {"qc": "pass" | "fail" | null, "comment": "..."}}``) or imported again.
 
+Labels: a label map (0 background, 1 tumour, 2 edema, 3 cavity, ``*_seg-imsct``) or the three
+SCT-named class masks (``*_seg-tumor``, ``*_seg-edema``, ``*_seg-cavity``), on the T2w grid.
+
 Layout of a report folder::
 
     index.html   report.js   report.css   report.json   img/<subject>_{t2,t1}[_plain].png
@@ -41,7 +44,7 @@ import nibabel as nib
 import numpy as np
 
 from .io import InputError, Volume, load_volume, strip_nifti_ext
-from .labels import COLOURS, LABELS
+from .labels import COLOURS, LABELS, SEG_SUFFIXES
 
 GENERATOR = "imsct qc"
 ALPHA = 0.4  # opacity of the label fill; the outline is drawn opaque
@@ -64,7 +67,7 @@ class Subject:
 
     id: str
     t2: Path
-    seg: Path
+    seg: Path | list[Path]  # a label map, or the SCT-named masks *_seg-tumor / _seg-edema / _seg-cavity
     t1: Path | None = None
     morphometrics: dict | None = None
     levels: list[dict] | None = None  # vertebral levels for the morphometrics ({"level", "z_top_mm", "z_bottom_mm"})
@@ -233,20 +236,23 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         raise
 
 
-def load_labelmap(path: Path, t2: Volume) -> np.ndarray:
-    """A label map on the T2w grid with values 0..3, or an InputError naming the file."""
-    seg = load_volume(path, "label map")
-    if seg.shape != t2.shape or not np.allclose(seg.affine, t2.affine, atol=1e-3):
+def _seg_files(seg) -> list[Path]:
+    return [Path(p) for p in seg] if isinstance(seg, (list, tuple)) else [Path(seg)]
+
+
+def load_labelmap(seg, t2: Volume) -> np.ndarray:
+    """A label map (0..3) on the T2w grid from a label map or SCT-named class masks, or an
+    InputError naming the file."""
+    from .morphometrics import read_labelmap
+
+    files = _seg_files(seg)
+    lab, affine, _ = read_labelmap(files)
+    if lab.shape != t2.shape or not np.allclose(affine, t2.affine, atol=1e-3):
         raise InputError(
-            f"label map {path}: its grid (shape {seg.shape}) differs from the T2w {t2.path} (shape {t2.shape}); "
-            "QC needs the label map on the T2w grid (as imsct segment writes it)"
+            f"label map {files[0]}: its grid (shape {lab.shape}) differs from the T2w {t2.path} (shape {t2.shape}); "
+            "QC needs the labels on the T2w grid (as imsct segment and sct_deepseg write them)"
         )
-    values = np.unique(seg.data)
-    allowed = {0, *LABELS.values()}
-    bad = [v for v in values.tolist() if v not in allowed]
-    if bad:
-        raise InputError(f"label map {path}: unexpected values {bad[:5]} (expected 0 background, " + ", ".join(f"{v} {k}" for k, v in LABELS.items()) + ")")
-    return seg.data.astype(np.uint8)
+    return lab
 
 
 def render_subject(subject: Subject, img_dir: Path, key: str) -> dict:
@@ -254,7 +260,7 @@ def render_subject(subject: Subject, img_dir: Path, key: str) -> dict:
     from .geometry import resample
 
     t2 = load_volume(subject.t2, "T2w")
-    lab = load_labelmap(Path(subject.seg), t2)
+    lab = load_labelmap(subject.seg, t2)
     dlab, sizes, _ = to_display(lab, t2.affine)
     view = choose_view(dlab, sizes)
     images = {}
@@ -274,15 +280,17 @@ def render_subject(subject: Subject, img_dir: Path, key: str) -> dict:
         from .morphometrics import measure
 
         morpho = measure(lab, t2.affine, levels=subject.levels)
-    return {"images": images, "morphometrics": morpho, "fingerprint": file_sha256(Path(subject.seg))[:16]}
+    return {"images": images, "morphometrics": morpho, "fingerprint": fingerprint(_seg_files(subject.seg))}
 
 
-def file_sha256(path: Path) -> str:
+def fingerprint(paths: list[Path]) -> str:
+    """Short SHA-256 of the label files' bytes: a mark set on other labels is flagged stale."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- subjects
@@ -305,8 +313,9 @@ def _file_key(sid: str, used: set[str]) -> str:
 
 
 def subjects_from_dataset(dataset_dir: str | Path, segs_dir: str | Path) -> list[Subject]:
-    """Every T2w of a BIDS folder with its T1w (if present) and its label map in ``segs_dir``
-    (``<T2w name>_seg-imsct.nii.gz``, the name ``imsct segment`` writes)."""
+    """Every T2w of a BIDS folder with its T1w (if present) and its labels in ``segs_dir``: the
+    label map ``<T2w name>_seg-imsct.nii.gz`` that ``imsct segment`` writes or, without it, the
+    masks ``<T2w name>_seg-{tumor,edema,cavity}.nii.gz`` (the names of SCT's ``sct_deepseg``)."""
     from .bids import find_cases
     from .runner import output_paths
 
@@ -322,14 +331,33 @@ def subjects_from_dataset(dataset_dir: str | Path, segs_dir: str | Path) -> list
         if not seg.exists() and seg.with_name(seg.name[: -len(".gz")]).exists():
             seg = seg.with_name(seg.name[: -len(".gz")])
         if not seg.exists():
-            missing.append((case.name, seg))
+            masks = _sct_masks(case.name, segs)
+            if masks:
+                seg = masks
+            else:
+                missing.append((case.name, seg))
         t1 = case.t1 if case.t1.exists() else None
         note = "" if t1 is not None else f"T1w not found: {case.t1}"
         subjects.append(Subject(id=subject_id(case.t2), t2=case.t2, seg=seg, t1=t1, note=note))
     if missing:
         more = f" ({len(missing) - 1} more subject(s) lack a label map)" if len(missing) > 1 else ""
-        raise InputError(f"label map {missing[0][1]}: file not found for {missing[0][0]}{more}")
+        raise InputError(f"label map {missing[0][1]}: file not found for {missing[0][0]} (nor its "
+                         f"{'/'.join(SEG_SUFFIXES[n] for n in LABELS)} masks){more}")
     return subjects
+
+
+def _sct_masks(case_name: str, segs: Path) -> list[Path] | None:
+    """The three SCT-named class masks of a case, when all are there."""
+    found = []
+    for name in LABELS:
+        for ext in (".nii.gz", ".nii"):
+            p = segs / f"{case_name}{SEG_SUFFIXES[name]}{ext}"
+            if p.exists():
+                found.append(p)
+                break
+        else:
+            return None
+    return found
 
 
 def subjects_from_lists(t2s: list, segs: list, t1s: list | None = None) -> list[Subject]:
@@ -416,7 +444,7 @@ def morphometrics_table(morpho: dict | None) -> str:
 
 def _entry_html(index: int, subject: Subject, info: dict | None, error: str | None) -> str:
     sid = _e(subject.id)
-    paths = [("T2w", subject.t2), ("T1w", subject.t1), ("label map", subject.seg)]
+    paths = [("T2w", subject.t2), ("T1w", subject.t1)] + [("labels", p) for p in _seg_files(subject.seg)]
     files = "".join(f"<div><b>{r}</b> {_e(p)}</div>" for r, p in paths if p is not None)
     parts = [
         f'<section class="subject" id="s{index}" data-subject="{sid}" data-fp="{_e((info or {}).get("fingerprint", ""))}" tabindex="-1">',
@@ -546,7 +574,7 @@ def build_report(
             error = str(exc)
             errors[subject.id] = error
         entries.append(_entry_html(i, subject, info, error))
-        rec = {"id": subject.id, "t2": str(subject.t2), "t1": str(subject.t1) if subject.t1 else None, "seg": str(subject.seg)}
+        rec = {"id": subject.id, "t2": str(subject.t2), "t1": str(subject.t1) if subject.t1 else None, "seg": [str(p) for p in _seg_files(subject.seg)]}
         if info:
             rec.update(fingerprint=info["fingerprint"], morphometrics=info["morphometrics"],
                        images={k: {"overlay": v["overlay"], "plain": v["plain"], "slices": v["slices"]} for k, v in info["images"].items()})

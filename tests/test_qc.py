@@ -127,17 +127,22 @@ def test_qc_command_bad_input(phantom_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def report(phantom_dir, tmp_path_factory):
-    """The report of the two phantom subjects over their truth label maps, built by ``imsct qc``."""
+    """The report of the two phantom subjects over their truth labels, built by ``imsct qc``: a
+    label map for sub-001, the SCT-named class masks (as sct_deepseg writes them) for sub-002."""
     from imsct.bids import find_cases
     from imsct.evaluation import truth_labelmap
     from imsct.io import load_volume
+    from imsct.labels import SEG_SUFFIXES
     from imsct.runner import output_paths
 
     root = tmp_path_factory.mktemp("qc")
     segs = root / "segs"
-    for case in find_cases(phantom_dir):
-        t2 = load_volume(case.t2)
-        save_volume(truth_labelmap(case, t2.shape), t2.affine, output_paths(case.name, segs)["labelmap"])
+    segs.mkdir()
+    first, second = find_cases(phantom_dir)
+    t2 = load_volume(first.t2)
+    save_volume(truth_labelmap(first, t2.shape), t2.affine, output_paths(first.name, segs)["labelmap"])
+    for name in LABELS:
+        shutil.copyfile(second.labels[SEG_SUFFIXES[name]], segs / f"{second.name}{SEG_SUFFIXES[name]}.nii.gz")
     out = root / "report"
     args = ["qc", "--dataset", str(phantom_dir), "--segs", str(segs), "-o", str(out)]
     assert cli(args) == 0
@@ -257,7 +262,7 @@ def test_report_in_chromium(report, browser):
 
     # regenerate after sub-002's label map changed: same report id, marks kept, sub-002's flagged stale
     report_id = json.loads((out / "report.json").read_text())["report_id"]
-    seg2 = report["segs"] / "sub-002_T2w_seg-imsct.nii.gz"
+    seg2 = report["segs"] / "sub-002_T2w_seg-tumor.nii.gz"
     img = nib.load(seg2)
     data = np.asarray(img.dataobj).copy()
     data[tuple(np.argwhere(data > 0)[0])] = 0

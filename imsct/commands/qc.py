@@ -17,7 +17,8 @@ EXAMPLE = ("imsct qc --dataset bids/ --segs out/ -o qc/   (then open qc/index.ht
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("inputs (either a BIDS folder with a folder of label maps, or explicit lists)")
     src.add_argument("--dataset", metavar="BIDS_DIR", help="BIDS folder: sub-*/[ses-*/]anat/*_T2w.nii.gz (T1w beside it)")
-    src.add_argument("--segs", metavar="SEG_DIR", help="folder with <T2w name>_seg-imsct.nii.gz label maps (imsct segment output)")
+    src.add_argument("--segs", metavar="SEG_DIR", help="folder with the labels of each T2w: <T2w name>_seg-imsct.nii.gz (imsct segment) or, "
+                     "without it, <T2w name>_seg-tumor/_seg-edema/_seg-cavity.nii.gz (sct_deepseg)")
     src.add_argument("--t2", nargs="+", metavar="T2W", help="T2w images")
     src.add_argument("--t1", nargs="+", metavar="T1W", help="T1w images, same order as --t2 (optional)")
     src.add_argument("--seg", nargs="+", metavar="LABELMAP", help="label maps (0 bg, 1 tumour, 2 edema, 3 cavity), same order as --t2")
