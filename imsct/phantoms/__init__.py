@@ -11,6 +11,13 @@
 
 Each subject is drawn from ``numpy.random.default_rng([seed, index])``: the same seed and index give
 the same files whatever the number of cases.
+
+Options (``imsct phantoms --help``): ``--followup YEARS`` writes two BIDS sessions per subject
+(``sub-XXX/ses-01/anat``, ``ses-02/anat``; visit 1 has the images of the plain case) with lesions
+grown, the patient moved and a new grid at visit 2, dates in sidecar JSONs and
+``sub-XXX_sessions.tsv`` (:func:`generate_followup`); ``--misalign-t1 MM DEG`` renders the T1w of
+a patient who moved between series while its header does not know (:func:`generate_case`). Their
+draws come from separate streams, so the plain files do not change.
 """
 
 from __future__ import annotations
