@@ -514,12 +514,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    studies = bids_to_dicom(args.bids, args.out)
     client = None
-    if args.stow:
+    if args.stow:  # check the server first: nothing is converted for a server that is not there
         from dicomweb_client import DICOMwebClient
 
         client = DICOMwebClient(args.stow.rstrip("/"))
+        try:
+            client.search_for_studies(limit=1)
+        except Exception as exc:
+            raise InputError(f"{args.stow}: cannot reach the DICOMweb server ({type(exc).__name__})") from None
+    studies = bids_to_dicom(args.bids, args.out)
     for s in studies:
         if client is not None:
             try:

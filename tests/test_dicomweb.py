@@ -224,7 +224,8 @@ def test_command_converts_bids_and_stores_in_orthanc(phantom_dir, orthanc, tmp_p
     studies = client.search_for_studies(search_filters={"PatientID": "sub-009"})
     assert len(studies) == 1
 
-    # a server that is not there: one clear line, exit 2
+    # a server that is not there: one clear line, exit 2, nothing written
     dead = f"http://127.0.0.1:{free_port()}/dicom-web"
     assert dicom.main([str(bids), "--out", str(tmp_path / "dcm2"), "--stow", dead, "--quiet"]) == 2
-    assert f"imsct dicom: error: {dead}: storing study" in capsys.readouterr().err
+    assert f"imsct dicom: error: {dead}: cannot reach the DICOMweb server" in capsys.readouterr().err
+    assert not (tmp_path / "dcm2").exists()
