@@ -72,8 +72,9 @@ def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path | No
     """Segment one T2w + T1w pair and write the SCT-named masks and the label map on the T2w grid.
 
     ``t1_path`` may be None (or is ignored) when the cascade is T2w-only; ``probabilities`` also
-    writes the per-class probability maps; ``register_t1`` first aligns the T1w onto the T2w by an
-    ITK affine registration (correlation metric), for series between which the patient moved."""
+    writes the per-class probability maps; ``register_t1`` first aligns the T1w onto the T2w
+    (ITK rigid registration, :func:`imsct.registration.register_t1_to_t2`), for series between which
+    the patient moved."""
     t2_path = Path(t2_path)
     t1 = None
     if not cascade.t2_only:
