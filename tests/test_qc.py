@@ -144,7 +144,8 @@ def report(phantom_dir, tmp_path_factory):
     for name in LABELS:
         shutil.copyfile(second.labels[SEG_SUFFIXES[name]], segs / f"{second.name}{SEG_SUFFIXES[name]}.nii.gz")
     out = root / "report"
-    args = ["qc", "--dataset", str(phantom_dir), "--segs", str(segs), "-o", str(out)]
+    levels = str(phantom_dir / "derivatives" / "labels" / "{id}" / "anat" / "{id}_phantom.json")
+    args = ["qc", "--dataset", str(phantom_dir), "--segs", str(segs), "--levels", levels, "-o", str(out)]
     assert cli(args) == 0
     return {"out": out, "segs": segs, "args": args, "downloads": root / "downloads"}
 
@@ -207,7 +208,7 @@ def _wait_for_file(folder: Path, pattern: str, seconds: float = 20.0) -> Path:
     raise AssertionError(f"no {pattern} appeared in {folder}: {sorted(p.name for p in folder.iterdir())}")
 
 
-def test_report_in_chromium(report, browser):
+def test_report_in_chromium(report, browser, phantom_dir):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -230,7 +231,14 @@ def test_report_in_chromium(report, browser):
     driver.find_element(By.TAG_NAME, "body").send_keys("o")
     entries = driver.find_elements(By.CSS_SELECTOR, "section.subject")
     assert [e.get_attribute("data-subject") for e in entries] == ["sub-001", "sub-002"]
-    assert [len(e.find_elements(By.CSS_SELECTOR, "table.morpho tbody tr")) > 0 for e in entries] == [True, True]
+    # morphometrics table: the tumour row names the levels of the phantom's truth lesions
+    for e in entries:
+        truth = json.loads((phantom_dir / "derivatives" / "labels" / e.get_attribute("data-subject") / "anat"
+                            / f"{e.get_attribute('data-subject')}_phantom.json").read_text())
+        row = e.find_element(By.XPATH, ".//table[@class='morpho']/tbody/tr[th[normalize-space(.)='tumor']]")
+        shown = row.find_element(By.CSS_SELECTOR, "td.lv").text
+        assert all(les["level"] in shown for les in truth["lesions"]), (shown, truth["lesions"])
+        assert row.find_elements(By.TAG_NAME, "td")[0].text == str(len(truth["lesions"]))  # one component per lesion
     assert _counts(driver) == {"pass": 0, "fail": 0, "unset": 2}
 
     entries[0].find_element(By.CSS_SELECTOR, "button[data-mark=pass]").click()

@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--t2", nargs="+", metavar="T2W", help="T2w images")
     src.add_argument("--t1", nargs="+", metavar="T1W", help="T1w images, same order as --t2 (optional)")
     src.add_argument("--seg", nargs="+", metavar="LABELMAP", help="label maps (0 bg, 1 tumour, 2 edema, 3 cavity), same order as --t2")
+    parser.add_argument("--levels", metavar="TEMPLATE",
+                        help="vertebral levels JSON per subject for the morphometrics table ({\"vertebrae\": [{level, z_top_mm, "
+                             "z_bottom_mm}]}, as imsct morphometrics --levels); {id} and {name} in the path stand for the subject "
+                             "(sub-001) and its T2w name (sub-001_T2w), e.g. bids/derivatives/labels/{id}/anat/{id}_phantom.json")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder (index.html and img/)")
     parser.add_argument("--title", default="IMSCT QC", help="page title (default: IMSCT QC)")
     parser.add_argument("--force", action="store_true",
@@ -49,6 +53,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise InputError("no inputs: give --dataset BIDS_DIR --segs SEG_DIR, or --t2 ... --seg ...")
 
+    if args.levels:
+        from ..io import strip_nifti_ext
+        from ..morphometrics import load_levels
+
+        for subject in subjects:
+            path = args.levels.replace("{id}", subject.id).replace("{name}", strip_nifti_ext(subject.t2.name))
+            subject.levels = load_levels(path)
     try:
         from tqdm import tqdm
 
