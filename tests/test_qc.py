@@ -3,7 +3,6 @@ errors, escaping, and the page itself in real headless Chromium (loads cleanly, 
 subject, marks, export, reload, a regenerated report keeping the marks and flagging changed ones)."""
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
