@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # Index of each class in the single label map (``_seg-imsct``); 0 is background.
 LABELS: dict[str, int] = {"tumor": 1, "edema": 2, "cavity": 3}
 
@@ -24,3 +26,14 @@ CORD_SUFFIX = "_seg-cord"  # tight cord mask
 
 # Default minimum component volumes kept by post-processing, in cm3 (Lemay et al. 2021).
 MIN_VOLUME_CM3: dict[str, float] = {"tumor": 0.2, "edema": 0.5, "cavity": 0.5}
+
+
+def output_paths(case_name: str, output_dir: str | Path, probabilities: bool = False) -> dict[str, Path]:
+    """Where a case's outputs go: the four SCT-named masks (keys = class names), the label map
+    (``"labelmap"``) and, with ``probabilities``, the soft maps (``"prob-<class>"``)."""
+    out = Path(output_dir)
+    paths = {name: out / f"{case_name}{suffix}.nii.gz" for name, suffix in SEG_SUFFIXES.items()}
+    paths["labelmap"] = out / f"{case_name}{LABELMAP_SUFFIX}.nii.gz"
+    if probabilities:
+        paths.update({f"prob-{name}": out / f"{case_name}{PROB_PREFIX}{name}.nii.gz" for name in STAGE2_CHANNELS})
+    return paths

@@ -317,7 +317,7 @@ def subjects_from_dataset(dataset_dir: str | Path, segs_dir: str | Path) -> list
     label map ``<T2w name>_seg-imsct.nii.gz`` that ``imsct segment`` writes or, without it, the
     masks ``<T2w name>_seg-{tumor,edema,cavity}.nii.gz`` (the names of SCT's ``sct_deepseg``)."""
     from .bids import find_cases
-    from .runner import output_paths
+    from .labels import output_paths
 
     segs = Path(segs_dir)
     if not segs.is_dir():

@@ -19,7 +19,7 @@ import numpy as np
 from .bids import find_cases
 from .cascade import Cascade
 from .io import InputError, load_volume, save_volumes, strip_nifti_ext, voxel_volume_mm3
-from .labels import LABELMAP_SUFFIX, LABELS, PROB_PREFIX, SEG_SUFFIXES, STAGE2_CHANNELS
+from .labels import LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, output_paths
 from .networks import localiser, tumour_network
 from .postprocess import split_masks
 from .training import load_weights
@@ -42,25 +42,17 @@ def build_cascade(models_dir: str | Path, device: str = "cpu", t2_only: bool = F
     return Cascade(loc, seg, device=device, t2_only=t2_only, **kw)
 
 
-def output_paths(case_name: str, output_dir: str | Path) -> dict[str, Path]:
-    out = Path(output_dir)
-    paths = {name: out / f"{case_name}{suffix}.nii.gz" for name, suffix in SEG_SUFFIXES.items()}
-    paths["labelmap"] = out / f"{case_name}{LABELMAP_SUFFIX}.nii.gz"
-    return paths
-
-
 def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, output_dir: str | Path,
                   probabilities: np.ndarray | None = None) -> tuple[dict[str, Path], dict[str, float]]:
     """Write the four SCT-named binary masks and the label map together (all or nothing), and with
     ``probabilities`` ((4, ...) on the same grid) the per-class maps ``<name>_prob-<class>``;
     returns their paths and the volume of each class in cm3."""
     masks = split_masks(labelmap)
-    paths = output_paths(case_name, output_dir)
+    paths = output_paths(case_name, output_dir, probabilities is not None)
     items = [(masks[k].astype(np.uint8), affine, paths[k], np.uint8) for k in SEG_SUFFIXES]
     items.append((labelmap, affine, paths["labelmap"], np.uint8))
     if probabilities is not None:
         for i, name in enumerate(STAGE2_CHANNELS):
-            paths[f"prob-{name}"] = Path(output_dir) / f"{case_name}{PROB_PREFIX}{name}.nii.gz"
             items.append((probabilities[i].astype(np.float32), affine, paths[f"prob-{name}"], np.float32))
     save_volumes(items)
     vox = voxel_volume_mm3(affine)
