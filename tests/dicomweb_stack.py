@@ -21,13 +21,13 @@ APP_DIR = ROOT / "apps" / "imsct_label"
 def stack_missing_reason() -> str | None:
     if missing_reason():
         return missing_reason()
-    if not (APP_DIR / "main.py").exists():
-        return f"MONAI Label app not found ({APP_DIR / 'main.py'})"
+    if not (APP_DIR / "serve.py").exists():
+        return f"MONAI Label app launcher not found ({APP_DIR / 'serve.py'})"
     return None
 
 
 class MonaiLabelServer:
-    """``python -m monailabel.main start_server`` for the IMSCT app on a free loopback port."""
+    """``apps/imsct_label/serve.py --studies URL`` (monailabel start_server) on a free loopback port."""
 
     def __init__(self, studies: str, workdir: Path, conf: dict | None = None, start_timeout: float = 240.0):
         self.studies = studies
@@ -47,8 +47,8 @@ class MonaiLabelServer:
         self.port = free_port()
         conf = {"models_dir": str(self.workdir / "models"), "state_dir": str(self.workdir / "state"),
                 "retrain_after": "0", **self.conf}
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", self.studies,
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        # the app's own launcher (monailabel start_server --app apps/imsct_label, on 127.0.0.1)
+        cmd = [sys.executable, str(APP_DIR / "serve.py"), "--studies", self.studies, "--port", str(self.port)]
         for k, v in conf.items():
             cmd += ["--conf", k, str(v)]
         env = dict(os.environ, MONAI_LABEL_DICOMWEB_CACHE_PATH=str(self.workdir / "dicom-cache"),
