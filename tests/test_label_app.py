@@ -269,11 +269,19 @@ def test_next_sample_by_each_strategy(server):
     assert again["ranking"] == ranked
 
 
-def test_final_labels_scored_and_retraining_fired(server, cases):
+def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
     client = server["client"]
     info0 = client.info()
     sha0 = info0["models"]["cascade"]["weights"]["model.pt"]["sha256"]
     client.save_label("sub-001", str(cases["sub-001"]["_sc-mask"]), tag="cord")
+    # a label that is not a tumour label map on the T2w grid is refused before it replaces anything
+    truth_img = load_volume(cases["sub-001"]["truth"])
+    bad_values, bad_grid = tmp_path / "values.nii.gz", tmp_path / "grid.nii.gz"
+    save_volume(np.where(truth_img.data > 0, 7, 0), truth_img.affine, bad_values)
+    save_volume(truth_img.data[:-2], truth_img.affine, bad_grid)
+    assert "7" in _error(lambda: client.save_label("sub-001", str(bad_values), tag="final"))
+    assert "grid" in _error(lambda: client.save_label("sub-001", str(bad_grid), tag="final"))
+    assert "final" not in client.datastore()["objects"]["sub-001"]["labels"]
     res1 = client.save_label("sub-001", str(cases["sub-001"]["truth"]), tag="final")
     assert set(res1["dice"]) >= {"tumor", "edema", "cavity", "whole-tumor"}
     assert res1["new_final_labels"] == 1 and "retrain" not in res1

@@ -9,6 +9,9 @@ Uploads (``PUT /datastore/image``, ``MONAILabelClient.upload_image``) take a ``c
 
 Every upload is read as NIfTI first (a bad file is refused with HTTP 422 naming the problem), and an
 existing image or T1w is never replaced unless ``{"overwrite": true}`` is given (HTTP 409).
+
+Saved labels are checked before they replace anything: on the T2w's grid (shape and affine), and
+with values 0..3 (tumor 1, edema 2, cavity 3) for ``final`` / ``original`` or 0/1 for ``cord``.
 """
 
 from __future__ import annotations
@@ -19,16 +22,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from imsct.io import InputError, load_volume
+from imsct.labels import LABELS
 
 from .contrasts import local_t1_candidates, t1_destination
 
 log = logging.getLogger(__name__)
 
 CONTRASTS = {"t2w": "T2w", "t1w": "T1w"}
+LABEL_VALUES = {"final": set(range(len(LABELS) + 1)), "original": set(range(len(LABELS) + 1)), "cord": {0, 1}}
 
 
 def _truthy(v) -> bool:
@@ -71,7 +79,32 @@ class TwoContrastDatastore(LocalDatastore):
         info.setdefault("centre", "default")
         return super().add_image(image_id, image_filename, info)
 
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        image_uri = self.get_image_uri(image_id)
+        if image_uri:  # an unknown image is refused by LocalDatastore itself
+            try:
+                check_label(label_filename, image_uri, image_id, label_tag)
+            except InputError as exc:
+                raise HTTPException(422, str(exc)) from None
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
     def remove_image(self, image_id: str) -> None:
         super().remove_image(image_id)
         for p in local_t1_candidates(self, image_id):
             Path(p).unlink(missing_ok=True)
+
+
+def check_label(label_file: str, image_file: str, image_id: str, tag: str) -> None:
+    """A label must lie on its image's grid and hold only the values its tag allows."""
+    role = f"{tag} label of '{image_id}'"
+    lab = load_volume(label_file, role)
+    img = nib.load(image_file)
+    if lab.shape != tuple(img.shape[:3]) or not np.allclose(lab.affine, img.affine, atol=1e-3):
+        raise InputError(f"{role}: grid {lab.shape} does not match its T2w {tuple(img.shape[:3])} ({image_file}); "
+                         "a label must be saved on its image's grid")
+    allowed = LABEL_VALUES.get(tag)
+    if allowed is not None:
+        values = set(np.unique(np.rint(lab.data)).astype(int).tolist())
+        if not values <= allowed:
+            raise InputError(f"{role}: values {sorted(values - allowed)[:8]} are not allowed (expected {sorted(allowed)}: "
+                             + ("tumor 1, edema 2, cavity 3)" if tag != "cord" else "cord region 1)"))
