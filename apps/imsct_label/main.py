@@ -150,7 +150,8 @@ class IMSCTApp(MONAILabelApp):
         and start the background retraining once ``retrain_after`` new ones arrived."""
         res: dict = {}
         ds = self.datastore()
-        final = ds.get_label_uri(ds.get_label_by_image_id(image_id, FINAL), FINAL) if ds.get_label_by_image_id(image_id, FINAL) else ""
+        label_id = ds.get_label_by_image_id(image_id, FINAL)
+        final = ds.get_label_uri(label_id, FINAL) if label_id else ""
         if not final:
             return res
         dice = score_image(ds, image_id)
