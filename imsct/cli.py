@@ -20,14 +20,16 @@ COMMANDS = ("segment", "morphometrics", "compare", "qc", "phantoms")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    mods = {name: importlib.import_module(f"imsct.commands.{name}") for name in COMMANDS}
     parser = argparse.ArgumentParser(
         prog="imsct",
         description="Intramedullary spinal cord tumour segmentation (tumour, edema, cavity) on T2w + Gd-T1w MRI.",
-        epilog="Run 'imsct <command> --help' for the options and an example of each command.",
+        epilog="examples:\n" + "\n".join(f"  {m.EXAMPLE.splitlines()[0]}" for m in mods.values())
+        + "\n\nRun 'imsct <command> --help' for the options and more examples of each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name in COMMANDS:
-        mod = importlib.import_module(f"imsct.commands.{name}")
+    for name, mod in mods.items():
         p = sub.add_parser(
             name, help=mod.HELP, description=mod.HELP, epilog=f"example:\n  {mod.EXAMPLE}",
             formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -88,7 +88,7 @@ def visit_date(t2_path: str | os.PathLike) -> _dt.date:
 def load_visit(t2_path: str | os.PathLike, seg_paths: list[str], date: str | _dt.date | None = None) -> Visit:
     """Read one visit: its T2w, its label map (or tumor/edema/cavity masks) on the T2w's grid, and
     its date (given, or read with :func:`visit_date`)."""
-    from .commands.morphometrics import read_labelmap
+    from .morphometrics import read_labelmap
 
     t2 = load_volume(t2_path, "T2w")
     labelmap, affine, _ = read_labelmap(list(seg_paths))
@@ -198,7 +198,7 @@ def table(result: dict) -> str:
 
 def write_report(result: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``compare.json`` and ``compare.csv`` in ``out_dir``, written together (all or nothing)."""
-    from .morphometrics import write_texts
+    from .io import write_texts
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

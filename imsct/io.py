@@ -8,6 +8,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -86,28 +87,60 @@ def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
     return Volume(data=data, affine=affine, path=str(p))
 
 
-def save_volumes(items: list[tuple[np.ndarray, np.ndarray, str | os.PathLike, type]]) -> list[Path]:
-    """Write several NIfTI files all-or-nothing: every file goes to a temporary name in its
-    destination folder first and is renamed into place only when all were written."""
+def write_all_or_nothing(items: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[Path]:
+    """Write several files all-or-nothing: ``write(tmp)`` fills a temporary file in each
+    destination's folder; only when every one was written are they renamed into place. A
+    destination that is a folder fails before anything is renamed; should a rename still fail, the
+    files this call created are removed again."""
     staged: list[tuple[str, Path]] = []
+    created: list[Path] = []
     try:
-        for data, affine, path, dtype in items:
+        for path, write in items:
             p = Path(path)
+            if p.is_dir():
+                raise IsADirectoryError(f"{p}: is a folder; cannot write a file there")
             p.parent.mkdir(parents=True, exist_ok=True)
-            img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=p.parent)
+            suffix = ".nii.gz" if p.name.endswith(".nii.gz") else p.suffix
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
             os.close(fd)
             staged.append((tmp, p))
-            nib.save(img, tmp)
+            write(tmp)
         for tmp, p in staged:
+            new = not p.exists()
             os.replace(tmp, p)
+            if new:
+                created.append(p)
     except BaseException:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
+        for p in created:
+            p.unlink(missing_ok=True)
         raise
     return [p for _, p in staged]
+
+
+def _nifti_writer(data: np.ndarray, affine: np.ndarray, dtype) -> Callable[[str], None]:
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return lambda tmp: nib.save(img, tmp)
+
+
+def save_volumes(items: list[tuple[np.ndarray, np.ndarray, str | os.PathLike, type]]) -> list[Path]:
+    """Write several NIfTI files all-or-nothing (:func:`write_all_or_nothing`)."""
+    return write_all_or_nothing([(path, _nifti_writer(data, affine, dtype)) for data, affine, path, dtype in items])
+
+
+def write_texts(items: list[tuple[str, str | os.PathLike]]) -> list[Path]:
+    """Write text files (``(text, path)`` pairs) all-or-nothing (:func:`write_all_or_nothing`)."""
+
+    def writer(text: str) -> Callable[[str], None]:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as fh:
+                fh.write(text)
+        return write
+
+    return write_all_or_nothing([(path, writer(text)) for text, path in items])
 
 
 def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=np.uint8) -> Path:

@@ -40,14 +40,13 @@ import csv
 import io as _io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from .io import InputError, load_volume, strip_nifti_ext, voxel_volume_mm3
+from .io import InputError, load_volume, strip_nifti_ext, voxel_volume_mm3, write_texts
 from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES, STAGE2_CHANNELS
 from .postprocess import split_masks
 
@@ -351,37 +350,6 @@ def rows(result: dict) -> list[dict]:
             "levels": fmt_levels(c["levels"]),
         })
     return out
-
-
-def write_texts(items: list[tuple[str, str | os.PathLike]]) -> list[Path]:
-    """Write text files all-or-nothing (temporary names in each destination folder, renamed into
-    place only when every file was written), like :func:`imsct.io.save_volumes`. A destination
-    that is a folder fails before anything is renamed; a rename that still fails removes the files
-    this call created."""
-    staged: list[tuple[str, Path]] = []
-    created: list[Path] = []
-    try:
-        for text, path in items:
-            p = Path(path)
-            if p.is_dir():
-                raise IsADirectoryError(f"{p}: is a folder; cannot write a file there")
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix, dir=p.parent)
-            staged.append((tmp, p))
-            with os.fdopen(fd, "w", newline="") as fh:
-                fh.write(text)
-        for tmp, p in staged:
-            new = not p.exists()
-            os.replace(tmp, p)
-            if new:
-                created.append(p)
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        for p in created:
-            p.unlink(missing_ok=True)
-        raise
-    return [p for _, p in staged]
 
 
 def write_tables(result: dict, out_prefix: str | os.PathLike) -> tuple[Path, Path]:
