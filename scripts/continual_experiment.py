@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", nargs="+", default=["naive", "continual"], choices=["naive", "continual"])
+    ap.add_argument("--tag", default="", help="suffix of the arm folders and results file (extra runs beside the main one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
                   seed=args.seed, lr=args.lr, cache_dir=work / "cache", log=log)
     results: dict = {"settings": vars(args)}
     for arm in args.arms:
-        arm_dir = work / arm
+        arm_dir = work / f"{arm}{args.tag}"
         shutil.rmtree(arm_dir, ignore_errors=True)
         shutil.copytree(args.models, arm_dir / "models")
         if arm == "naive":  # B only; A validation is known (so A is the earlier centre) but never replayed
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     for arm in args.arms:
         table[arm] = results[arm]["after"]
     results["table"] = table
-    (work / "results.json").write_text(json.dumps(results, indent=1, default=lambda o: None))
+    (work / f"results{args.tag}.json").write_text(json.dumps(results, indent=1, default=lambda o: None))
 
     classes = ("whole-tumor", "tumor", "edema", "cavity")
     print("\nDice per centre (validation cases), whole tumour first:")
