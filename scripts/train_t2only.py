@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bundle_train import parse_log, start_bundle_training  # noqa: E402
 
 KEYS = ("whole-tumor", "tumor", "edema", "cavity")
+WEIGHTS = {"two_contrast": "model.pt", "t2_only": "model_t2only.pt"}
 
 
 def main(argv=None) -> int:
@@ -79,19 +80,23 @@ def main(argv=None) -> int:
         heldout = {}
         for mode in ("two_contrast", "t2_only"):
             out = work / f"heldout_eval_{mode}"
-            cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_heldout.py"), "--models", str(models),
-                   "--data", str(work / "heldout"), "--cases", str(args.eval_cases), "--seed", str(args.eval_seed), "--out", str(out)]
-            if mode == "t2_only":
-                cmd.append("--t2-only")
-            subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(max(args.threads, 1))))
-            summary = json.loads((out / "summary.json").read_text())
-            heldout[mode] = {k: summary.get(k) for k in summary if k.endswith("_mean") or k.endswith("_std") or k.startswith("n_")}
+            if (out / "summary.json").exists() and (out / "summary.json").stat().st_mtime > (models / WEIGHTS[mode]).stat().st_mtime:
+                print(f"{mode}: reusing {out / 'summary.json'} (newer than {WEIGHTS[mode]})")
+            else:
+                cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_heldout.py"), "--models", str(models),
+                       "--data", str(work / "heldout"), "--cases", str(args.eval_cases), "--seed", str(args.eval_seed), "--out", str(out)]
+                if mode == "t2_only":
+                    cmd.append("--t2-only")
+                subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(max(args.threads, 1))))
+            summary = json.loads((out / "summary.json").read_text())["summary"]
+            heldout[mode] = {k: v for k, v in summary.items() if k.endswith(("_mean", "_std", "_n")) or "box" in k}
         record["heldout"] = {"cases": args.eval_cases, "seed": args.eval_seed, **heldout}
         record_path.write_text(json.dumps(record, indent=1))
-        print("| class | two-contrast Dice | T2w-only Dice |\n|---|---|---|")
+        print("| class (subjects) | two-contrast Dice | T2w-only Dice |\n|---|---|---|")
         for k in KEYS:
-            a, b = heldout["two_contrast"].get(f"{k}_dice_mean"), heldout["t2_only"].get(f"{k}_dice_mean")
-            print(f"| {k} | {a:.3f} | {b:.3f} |")
+            a, b = heldout["two_contrast"], heldout["t2_only"]
+            print(f"| {k} ({a[f'{k}_dice_n']}) | {a[f'{k}_dice_mean']:.3f} ± {a[f'{k}_dice_std']:.3f} "
+                  f"| {b[f'{k}_dice_mean']:.3f} ± {b[f'{k}_dice_std']:.3f} |")
     return 0
 
 
