@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import requests
+from servers import free_port, stop_process, wait_for  # noqa: F401  (re-exported for the DICOMweb tests)
 
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc", "/usr/lib/x86_64-linux-gnu/orthanc")
@@ -45,37 +43,6 @@ def missing_reason() -> str | None:
     if not dicomweb_plugin():
         return "Orthanc DICOMweb plugin not installed (Debian package 'orthanc-dicomweb')"
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """Poll ``url`` until it answers 2xx (True), the process exits or ``timeout`` s pass (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(url, timeout=5).ok:
-                return True
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    return False
-
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
-    """Stop a server started with ``start_new_session=True`` (its whole process group)."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 class OrthancServer:

@@ -9,11 +9,7 @@ publishes and the test can check that the new weights are served without a resta
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,16 +26,11 @@ from monailabel.client import MONAILabelClient  # noqa: E402
 from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
 from imsct.io import load_volume, save_volume  # noqa: E402
+from servers import MonaiLabelServer  # noqa: E402
 from imsct.labels import COLOURS, LABELS  # noqa: E402
 
 SERVER_START_S = 300
 TRAIN_WAIT_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _truth_labelmap(paths: dict, out: Path) -> Path:
@@ -74,41 +65,19 @@ def server(cases, tmp_path_factory):
     (studies / "T1w").mkdir()
     shutil.copy(cases["sub-001"]["t2"], studies / "sub-001.nii.gz")
     shutil.copy(cases["sub-001"]["t1"], studies / "T1w" / "sub-001.nii.gz")
-    port = _free_port()
-    log_path = studies.parent / "server.log"
     conf = {"retrain_after": 2, "retrain_models": "tumour,localiser", "train_iterations": 1, "train_batch_size": 1,
             "tumour_patch": "32,32,16", "localiser_patch": "32,32,16", "gate_tolerance": 1, "mc_samples": 2}
     # serve.py = monailabel start_server --app apps/imsct_label, on 127.0.0.1 unless --host is given
-    cmd = [sys.executable, str(APP / "serve.py"), "--studies", str(studies), "--port", str(port)]
-    for k, v in conf.items():
-        cmd += ["--conf", k, str(v)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
-    client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(studies.parent))
+    srv = MonaiLabelServer(studies, tmp_path_factory.mktemp("label_app_server"), conf, start_timeout=SERVER_START_S)
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                client.info()
-                break
-            except (MONAILabelClientException, OSError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server did not answer /info in {SERVER_START_S} s:\n{log_path.read_text()[-4000:]}")
-                time.sleep(1)
-        yield {"client": client, "studies": studies, "proc": proc, "log": log_path}
+        srv.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    client = MONAILabelClient(srv.url, tmpdir=str(studies.parent))
+    try:
+        yield {"client": client, "studies": studies, "proc": srv.proc, "log": srv.log_path}
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its training subprocesses
-            proc.wait(30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
+        srv.stop()
 
 
 def _load_serve():

@@ -1,0 +1,101 @@
+"""Start and stop the real servers the tests need, on free loopback ports: the process helpers
+shared by the Orthanc starter (orthanc_server.py) and the IMSCT MONAI Label app
+(:class:`MonaiLabelServer`, used by test_label_app.py, the DICOMweb/OHIF stack and
+scripts/benchmark.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "apps" / "imsct_label"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url`` until it answers 2xx (True), the process exits or ``timeout`` s pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(url, timeout=5).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """Stop a server started with ``start_new_session=True`` (its whole process group, so the
+    MONAI Label server's training subprocesses go too)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class MonaiLabelServer:
+    """``apps/imsct_label/serve.py --studies STUDIES`` (monailabel start_server, the command users
+    run) on a free loopback port, its log and caches in ``workdir``; ``conf`` becomes ``--conf KEY VALUE``."""
+
+    def __init__(self, studies: str | os.PathLike, workdir: Path, conf: dict | None = None, start_timeout: float = 300.0):
+        self.studies = str(studies)
+        self.workdir = Path(workdir)
+        self.conf = conf or {}
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = self.workdir / "monailabel.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MonaiLabelServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cmd = [sys.executable, str(APP_DIR / "serve.py"), "--studies", self.studies, "--port", str(self.port)]
+        for k, v in self.conf.items():
+            cmd += ["--conf", k, str(v)]
+        env = dict(os.environ, MONAI_LABEL_DICOMWEB_CACHE_PATH=str(self.workdir / "dicom-cache"),
+                   MONAI_LABEL_DATASTORE_CACHE_PATH=str(self.workdir / "dicom-cache"),
+                   MONAI_LABEL_SESSION_PATH=str(self.workdir / "sessions"),
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=True)
+        if wait_for(f"{self.url}/info/", self.proc, self.start_timeout):
+            return self
+        log = self.log_path.read_text(errors="replace")
+        self.stop()
+        raise RuntimeError(f"MONAI Label server did not start ({' '.join(cmd)}); its log:\n{log[-6000:]}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def __enter__(self) -> "MonaiLabelServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
