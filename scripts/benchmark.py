@@ -1,0 +1,222 @@
+"""Speed and memory of the pipeline on a paper-sized case, side by side (not a test).
+
+    python scripts/benchmark.py [--repeats 3] [--threads N] [--skip-server]
+
+Generates one two-contrast phantom of the paper's size (545 x 545 x 20 voxels: 0.5 mm in-plane,
+3 mm sagittal slices; the T1w on its own 0.6 mm grid), then, each configuration in a fresh
+process (so that peak memory is its own):
+
+- end to end (load, resample, localise, crop + segment, post-process, save) per stage, for the
+  eager PyTorch networks, TorchScript and ONNX Runtime, the default settings of inference.json;
+- the cascade against one network over the whole field (no localiser) on the same case;
+- with the MONAI Label app: ``/infer/cascade`` latency and ``/activelearning`` latency per strategy.
+
+Reports the median of ``--repeats`` runs after one warm-up run (the first call of a process also
+pays for thread pools and kernels; its time is printed as "cold"). The last line is machine-readable:
+``end_to_end_s=X cascade_speedup=Y peak_rss_gib=Z next_sample_ms=W``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = ROOT / "bundle" / "models"
+STAGES = ("load", "resample", "localise", "segment", "postprocess", "save")
+
+
+def make_case(out: Path, seed: int = 7) -> tuple[Path, Path]:
+    """A phantom acquired like the paper's median case: 545 x 545 x 20 T2w, T1w on its own grid."""
+    import numpy as np
+
+    from imsct.phantoms.anatomy import random_spec
+    from imsct.phantoms.render import Acquisition, corrupt, nifti, render_labels_and_tissue
+
+    t2p, t1p = out / "sub-paper_T2w.nii.gz", out / "sub-paper_T1w.nii.gz"
+    if t2p.exists() and t1p.exists():
+        return t2p, t1p
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    spec = random_spec(rng, "astrocytoma")
+    z = spec.lesions[0].z
+    centre = spec.centreline(np.array([z]))[0].astype(np.float64)
+    acq2 = Acquisition(res_ip=0.5, thickness=3.0, fov_si=272.5, fov_ap=272.5, n_slices=20, centre=centre, axcodes=("P", "I", "R"))
+    acq1 = Acquisition(res_ip=0.6, thickness=3.0, fov_si=260.0, fov_ap=260.0, n_slices=20, centre=centre + np.array([1.0, 2.0, -3.0]),
+                       axcodes=("P", "I", "R"))
+    images = []
+    for acq, which in ((acq2, 0), (acq1, 1)):
+        shape, affine = acq.grid()
+        clean = render_labels_and_tissue(spec, shape, affine)[which]
+        images.append(nifti(corrupt(clean, affine, rng, snr=25.0, gain=1000.0), affine))
+    out.mkdir(parents=True, exist_ok=True)
+    nib.save(images[0], t2p)
+    nib.save(images[1], t1p)
+    return t2p, t1p
+
+
+def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: Path, repeats: int) -> dict:
+    """One configuration in this process: median stage times over ``repeats`` after a warm-up."""
+    import statistics
+
+    import torch
+
+    from imsct.cascade import Cascade
+    from imsct.export import export_models, load_exported
+    from imsct.io import load_volume
+    from imsct.networks import localiser, tumour_network
+    from imsct.runner import write_outputs
+    from imsct.training import load_weights
+
+    t0 = time.perf_counter()
+    if backend == "eager":
+        loc = load_weights(localiser(), models / "localiser.pt")
+        seg = load_weights(tumour_network(), models / "model.pt")
+    else:
+        ext = ".ts" if backend == "torchscript" else ".onnx"
+        if not (models / f"model{ext}").exists():
+            export_models(models, formats=(backend,))
+        loc, seg = load_exported(models / f"localiser{ext}"), load_exported(models / f"model{ext}")
+    cascade = Cascade(loc if cascade_mode else None, seg)
+    load_models_s = time.perf_counter() - t0
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats + 1):
+            tm = {}
+            t0 = time.perf_counter()
+            t2, t1 = load_volume(t2p, "T2w"), load_volume(t1p, "T1w")
+            tm["load"] = time.perf_counter() - t0
+            res = cascade(t2, t1)
+            tm.update(res.timings)
+            t0 = time.perf_counter()
+            write_outputs(res.labelmap, t2.affine, "sub-paper_T2w", tmp)
+            tm["save"] = time.perf_counter() - t0
+            tm["total"] = sum(tm[s] for s in STAGES)
+            runs.append(tm)
+    steady = {k: statistics.median(r[k] for r in runs[1:]) for k in runs[0]}
+    return {"backend": backend, "cascade": cascade_mode, "threads": torch.get_num_threads(), "load_models_s": load_models_s,
+            "cold_total_s": runs[0]["total"], **steady,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def child(argv) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend")
+    ap.add_argument("--whole-field", action="store_true")
+    ap.add_argument("--t2")
+    ap.add_argument("--t1")
+    ap.add_argument("--models")
+    ap.add_argument("--repeats", type=int)
+    a = ap.parse_args(argv)
+    print(json.dumps(run_config(a.backend, not a.whole_field, Path(a.t2), Path(a.t1), Path(a.models), a.repeats)))
+    return 0
+
+
+def in_child(args, backend: str, whole_field: bool, t2p: Path, t1p: Path, models: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--backend", backend, "--t2", str(t2p), "--t1", str(t1p),
+           "--models", str(models), "--repeats", str(args.repeats)] + (["--whole-field"] if whole_field else [])
+    env = dict(os.environ)
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def server_latencies(t2p: Path, t1p: Path, repeats: int) -> dict:
+    """/infer/cascade and /activelearning/<strategy> latency on a live MONAI Label server (the
+    app's own launcher, as the tests start it) whose datastore holds the paper-sized case."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from servers import MonaiLabelServer  # noqa: E402
+
+    from monailabel.client import MONAILabelClient
+
+    def median_of(call) -> tuple[float, float]:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        rest = sorted(times[1:])
+        return rest[len(rest) // 2], times[0]
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = Path(tmp) / "studies"
+        (studies / "T1w").mkdir(parents=True)
+        shutil.copy(t2p, studies / "paper.nii.gz")
+        shutil.copy(t1p, studies / "T1w" / "paper.nii.gz")
+        with MonaiLabelServer(studies, Path(tmp) / "server", {"retrain_after": 0}) as server:
+            client = MONAILabelClient(server.url, tmpdir=tmp)
+            out["infer_cascade_s"], out["infer_cascade_cold_s"] = median_of(lambda: client.infer("cascade", "paper", {"save_label": False}))
+            for strategy in client.info().get("strategies", {}):
+                warm, cold = median_of(lambda: client.next_sample(strategy, {}))
+                out[f"next_sample_{strategy}_ms"], out[f"next_sample_{strategy}_cold_ms"] = 1000 * warm, 1000 * cold
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return child(argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: torch's choice)")
+    ap.add_argument("--work", default="work/benchmark")
+    ap.add_argument("--backends", default="eager,torchscript,onnx")
+    ap.add_argument("--skip-server", action="store_true")
+    args = ap.parse_args(argv)
+
+    work = Path(args.work)
+    t2p, t1p = make_case(work / "case")
+    models = work / "models"  # exported files go here, never into bundle/models
+    models.mkdir(parents=True, exist_ok=True)
+    for name in ("localiser.pt", "model.pt"):
+        (models / name).write_bytes((MODELS / name).read_bytes())
+    import nibabel as nib
+
+    print(f"case: T2w {nib.load(t2p).shape} {tuple(round(float(v), 2) for v in nib.load(t2p).header.get_zooms())} mm, "
+          f"T1w {nib.load(t1p).shape}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}")
+    rows = []
+    for backend in args.backends.split(","):
+        rows.append(in_child(args, backend, False, t2p, t1p, models))
+    rows.append(in_child(args, rows[0]["backend"], True, t2p, t1p, models))
+    head = "| pipeline | backend | " + " | ".join(STAGES) + " | total s | cold s | peak RSS GiB |"
+    print(head + "\n|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        print(f"| {'whole field' if not r['cascade'] else 'cascade'} | {r['backend']} | "
+              + " | ".join(f"{r[s]:.2f}" for s in STAGES) + f" | {r['total']:.2f} | {r['cold_total_s']:.2f} | {r['peak_rss_gib']:.2f} |")
+    cascades = [r for r in rows if r["cascade"]]
+    best = min(cascades, key=lambda r: r["total"])
+    default = cascades[0]
+    whole = rows[-1]
+    speedup = whole["total"] / default["total"]
+    print(f"cascade vs whole field ({default['backend']}): {default['total']:.2f} s vs {whole['total']:.2f} s = {speedup:.2f}x; "
+          f"fastest backend: {best['backend']} {best['total']:.2f} s")
+    next_ms = float("nan")
+    if not args.skip_server:
+        lat = server_latencies(t2p, t1p, args.repeats)
+        for k, v in lat.items():
+            print(f"{k}: {v:.3f}")
+        ms = [v for k, v in lat.items() if k.startswith("next_sample_") and not k.endswith("cold_ms")]
+        next_ms = max(ms) if ms else float("nan")
+    print(f"end_to_end_s={default['total']:.2f} cascade_speedup={speedup:.2f} "
+          f"peak_rss_gib={max(r['peak_rss_gib'] for r in cascades):.2f} next_sample_ms={next_ms:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
