@@ -521,11 +521,14 @@ def _record(state_dir: Path, rounds: list, stage: int, published: bool, reason: 
     return result
 
 
-def train_stats(state_dir: str | Path) -> dict:
+def train_stats(state_dir: str | Path, stage: int | None = None) -> dict:
     """What ``/info`` shows: the split per centre, the number of rounds, and the last round's
-    outcome (published or refused, the reason, the gated numbers before and after)."""
+    outcome (published or refused, the reason, the gated numbers before and after); with
+    ``stage``, only that stage's rounds (the app's two trainers share one state folder)."""
     state_dir = Path(state_dir)
     rounds = _read_json(state_dir / "rounds.json", [])
+    if stage is not None:
+        rounds = [r for r in rounds if r.get("stage") == stage]
     out = {"rounds": len(rounds), "published_rounds": sum(r["published"] for r in rounds), "split": _split_counts(load_split(state_dir))}
     if rounds:
         last = rounds[-1]

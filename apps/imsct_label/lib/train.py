@@ -73,7 +73,7 @@ class StageTrainer(TrainTask):
     def stats(self):
         from imsct.continual import train_stats
 
-        return {"stage": self.stage, **train_stats(self.cfg.state_dir)}
+        return {"stage": self.stage, **train_stats(self.cfg.state_dir, self.stage)}
 
     def __call__(self, request, datastore):
         from imsct.continual import retrain_round
