@@ -72,13 +72,13 @@ import torch
 from scipy import ndimage
 
 from .cascade import Cascade, cord_box
-from .geometry import WORKING_SPACING, resample, to_working, working_grid
+from .geometry import WORKING_SPACING
 from .io import InputError, load_volume
 from .labels import MIN_VOLUME_CM3
 from .metrics import box_coverage, dice
 from .networks import localiser, tumour_network
 from .postprocess import labelmap_from_probabilities, postprocess_labelmap, split_masks
-from .training import PatchDataset, load_weights, save_weights, stage2_region
+from .training import PatchDataset, load_weights, save_weights, stage2_region, write_working_arrays
 
 DILATE_MM = 10.0
 MODEL_FILES = {1: "localiser.pt", 2: "model.pt"}
@@ -226,21 +226,12 @@ def prepare_labelled(case: LabelledCase, cache_dir: str | Path, localiser_net: t
     values = np.unique(lab.data)
     if not np.all(np.isin(values, [0, 1, 2, 3])):
         raise InputError(f"label map {case.label}: values {values[:8].tolist()} are not all in 0..3 (tumour 1, edema 2, cavity 3)")
-    w_shape, w_aff = working_grid(t2.affine, t2.shape, WORKING_SPACING)
-    t2w = resample(t2.data, t2.affine, w_shape, w_aff).numpy().astype(np.float32)
-    label_w = to_working(lab.data.astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
     if case.cord is not None:
-        cord = to_working((load_volume(case.cord, "cord mask").data > 0.5).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
+        cord = load_volume(case.cord, "cord mask").data > 0.5
     else:
-        cord = stage1_target(t2w, label_w, localiser_net)
-    arrays = {"t2": t2w, "t1": resample(t1.data, t1.affine, w_shape, w_aff).numpy().astype(np.float32),
-              "label": label_w, "cord": cord, "affine": w_aff}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=out.parent)
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
-    return out
+        def cord(t2w, label_w):
+            return stage1_target(t2w, label_w, localiser_net)
+    return write_working_arrays(out, t2, t1, lab.data, cord)
 
 
 # ---- anti-forgetting ------------------------------------------------------------------------------

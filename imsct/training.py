@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from .bids import Case, find_cases
 from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
 from .geometry import WORKING_SPACING, crop_or_pad, resample, to_working, working_grid
-from .io import load_volume
+from .io import Volume, load_volume
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -32,18 +33,28 @@ def prepare_case(case: Case, cache_dir: str | Path) -> Path:
         return out
     t2 = load_volume(case.t2, "T2w")
     t1 = load_volume(case.t1, "T1w")
-    w_shape, w_aff = working_grid(t2.affine, t2.shape, WORKING_SPACING)
     lab = np.zeros(t2.shape, np.uint8)
     for name, value in LABELS.items():
         lab[load_volume(case.labels[SEG_SUFFIXES[name]], name).data > 0.5] = value
     sc = load_volume(case.labels[CORD_BOX_SUFFIX], "cord mask").data > 0.5
-    arrays = {
-        "t2": resample(t2.data, t2.affine, w_shape, w_aff).numpy().astype(np.float32),
-        "t1": resample(t1.data, t1.affine, w_shape, w_aff).numpy().astype(np.float32),
-        "label": to_working(lab, t2.affine, w_shape, w_aff, label=True),
-        "cord": to_working(sc.astype(np.uint8), t2.affine, w_shape, w_aff, label=True),
-        "affine": w_aff,
-    }
+    return write_working_arrays(out, t2, t1, lab, sc)
+
+
+def write_working_arrays(out: str | Path, t2: Volume, t1: Volume, label: np.ndarray,
+                         cord: np.ndarray | Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Path:
+    """The training cache of one case (``.npz`` with t2, t1, label, cord, affine on the T2w's
+    working grid), written atomically. ``label`` (0..3) is on the T2w grid; ``cord`` is the stage-1
+    target on the T2w grid, or a function ``(t2_working, label_working) -> cord_working``."""
+    out = Path(out)
+    w_shape, w_aff = working_grid(t2.affine, t2.shape, WORKING_SPACING)
+    t2w = resample(t2.data, t2.affine, w_shape, w_aff).numpy().astype(np.float32)
+    label_w = to_working(np.asarray(label).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
+    if callable(cord):
+        cord_w = cord(t2w, label_w)
+    else:
+        cord_w = to_working(np.asarray(cord).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
+    arrays = {"t2": t2w, "t1": resample(t1.data, t1.affine, w_shape, w_aff).numpy().astype(np.float32),
+              "label": label_w, "cord": cord_w, "affine": w_aff}
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=out.parent)  # unique: ranks may race
     os.close(fd)
