@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -107,6 +108,13 @@ class Cascade:
         # t2_only: the segmenter was trained with the T1w channel zeroed (model_t2only.pt); any
         # T1w given is ignored and the channel is fed as zeros
         self.t2_only = bool(t2_only)
+        # optional progress hook: called with "localise", "segment", "postprocess" as each stage
+        # starts and "done" at the end (the command line's progress bar uses it)
+        self.on_stage: Callable[[str], None] | None = None
+
+    def _stage(self, name: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name)
 
     def _autocast(self):
         if self.amp:
@@ -154,6 +162,7 @@ class Cascade:
                 raise InputError(f"T1w {t1.path}: does not overlap the T2w {t2.path} in world space (check both headers)")
         tm["resample"] = time.perf_counter() - t0
 
+        self._stage("localise")
         t0 = time.perf_counter()
         if self.localiser is None:
             cord, box = np.zeros(w_shape, np.uint8), (np.zeros(3, int), np.asarray(w_shape))
@@ -173,6 +182,7 @@ class Cascade:
                 "the two series do not overlap (check the headers or register T1w to T2w)"
             )
 
+        self._stage("segment")
         t0 = time.perf_counter()
         crop = np.stack([t2w[sl], t1w[sl]])
         probs_crop = self.segment_crop(crop)
@@ -180,11 +190,13 @@ class Cascade:
         probs_w[(slice(None), *sl)] = probs_crop
         tm["segment"] = time.perf_counter() - t0
 
+        self._stage("postprocess")
         t0 = time.perf_counter()
         probs = resample(probs_w, w_aff, t2.shape, t2.affine).numpy()
         labelmap = labelmap_from_probabilities(probs, self.threshold)
         labelmap = postprocess_labelmap(labelmap, t2.voxel_volume_mm3, self.min_volume_cm3, self.fill_holes)
         tm["postprocess"] = time.perf_counter() - t0
+        self._stage("done")
         return CascadeResult(
             labelmap=labelmap,
             probabilities=probs if self.keep_probabilities else None,

@@ -58,12 +58,23 @@ def segmented(case, tmp_path_factory):
     nib.save(nib.Nifti1Image(np.asarray(t1.dataobj), moved), case["t1"])
     before = {k: digest(case[k]) for k in ("t2", "t1")}
     argv = ["segment", "--t2", case["t2"], "--t1", case["t1"], "-o", out, "--probabilities", "--morphometrics",
-            "--levels", case["levels"], "--register-t1"]
+            "--levels", case["levels"], "--register-t1", "--progress"]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):  # in-process: one import of MONAI
         rc = cli.main([str(a) for a in argv])
     proc = subprocess.CompletedProcess(argv, rc, stdout.getvalue(), stderr.getvalue())
     return {"proc": proc, "out": out, "before": before, **case}
+
+
+def test_progress_bar_follows_the_cascade_stages(segmented):
+    """--progress: the stage bar is driven by the cascade's own stage hook and reaches the end."""
+    from imsct.commands.segment import STAGES
+
+    err = segmented["proc"].stderr
+    positions = [err.find(f"{stage}:") for stage in STAGES]
+    assert all(p >= 0 for p in positions), err[-2000:]
+    assert positions == sorted(positions)  # each stage announced in order
+    assert f"{len(STAGES)}/{len(STAGES)}" in err
 
 
 def test_help_shows_an_example_per_command():

@@ -97,28 +97,16 @@ def stage_progress(cascade, enabled: bool):
             bar.update(to - bar.n)
             bar.set_description(STAGES[min(to, len(STAGES) - 1)])
 
-    def wrap(method_name: str, start: int, end: int) -> None:
-        original = getattr(cascade, method_name)
-
-        def call(*a, **k):
-            advance(start)
-            out = original(*a, **k)
-            advance(end)
-            return out
-
-        setattr(cascade, method_name, call)  # instance attribute, removed again below
-
-    old_progress = getattr(cascade.inferer, "progress", False)
+    index = {"localise": 1, "segment": 2, "postprocess": 3, "done": 3}
+    old_hook, old_progress = cascade.on_stage, getattr(cascade.inferer, "progress", False)
     if enabled:
-        wrap("localise", 1, 2)
-        wrap("segment_crop", 2, 3)
+        cascade.on_stage = lambda stage: advance(index[stage])
         cascade.inferer.progress = True
     try:
         yield bar
         advance(len(STAGES))
     finally:
-        for name in ("localise", "segment_crop"):
-            vars(cascade).pop(name, None)
+        cascade.on_stage = old_hook
         cascade.inferer.progress = old_progress
         bar.close()
 
