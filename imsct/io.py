@@ -59,6 +59,8 @@ def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
         img = nib.load(str(p))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"{where}: not a NIfTI image ({type(img).__name__})")
+        if 0 in tuple(img.shape):  # the header's shape: nibabel reads such data as a flat empty array
+            raise InputError(f"{where}: image has a zero-size axis {tuple(int(s) for s in img.shape)}")
         data = np.asanyarray(img.dataobj)
     except InputError:
         raise
