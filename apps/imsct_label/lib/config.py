@@ -24,6 +24,7 @@ DEFAULTS = {
     "replay": "0.5",
     "ewc_lambda": "10000",
     "mc_samples": "4",  # Monte-Carlo dropout passes of the uncertainty strategy
+    "max_upload_mb": "1024",  # larger uploaded images / labels are refused (HTTP 413)
 }
 TRAINERS = ("tumour", "localiser")
 
@@ -68,6 +69,7 @@ class AppConfig:
     replay: float
     ewc_lambda: float
     mc_samples: int
+    max_upload_mb: float = 1024.0
 
     @classmethod
     def from_conf(cls, conf: dict | None, app_dir: str, studies: str) -> "AppConfig":
@@ -105,4 +107,5 @@ class AppConfig:
             replay=_number(c, "replay", float),
             ewc_lambda=_number(c, "ewc_lambda", float),
             mc_samples=_number(c, "mc_samples", int, 2),
+            max_upload_mb=_number(c, "max_upload_mb", float),
         )

@@ -8,7 +8,10 @@ Uploads (``PUT /datastore/image``, ``MONAILabelClient.upload_image``) take a ``c
   (default ``"default"``) is kept in the image info and used by retraining's per-centre split.
 
 Every upload is read as NIfTI first (a bad file is refused with HTTP 422 naming the problem), and an
-existing image or T1w is never replaced unless ``{"overwrite": true}`` is given (HTTP 409).
+existing image or T1w is never replaced unless ``{"overwrite": true}`` is given (HTTP 409). An image
+id (or label tag) with path components (``../x``, ``a/b``, an absolute path, a leading dot) is
+refused with HTTP 422 before anything touches the disk, and an upload larger than ``--conf
+max_upload_mb`` (default 1024) with HTTP 413.
 
 Saved labels are checked before they replace anything: on the T2w's grid (shape and affine), and
 with values 0..3 (tumor 1, edema 2, cavity 3) for ``final`` / ``original`` or 0/1 for ``cord``.
@@ -39,14 +42,52 @@ CONTRASTS = {"t2w": "T2w", "t1w": "T1w"}
 LABEL_VALUES = {"final": set(range(len(LABELS) + 1)), "original": set(range(len(LABELS) + 1)), "cord": {0, 1}}
 
 
+DEFAULT_MAX_UPLOAD_MB = 1024.0
+
+
 def _truthy(v) -> bool:
     return str(v).lower() in ("1", "true", "yes")
+
+
+def check_name(value: str, what: str) -> None:
+    """An image id or label tag becomes a file name in the studies folder: refuse path components."""
+    v = str(value)
+    if ("/" in v or "\\" in v or "\0" in v or v.startswith(".") or os.path.isabs(v)
+            or any(ord(ch) < 32 for ch in v)):
+        raise HTTPException(422, f"{what} {v!r}: must be a plain name (no '/', '\\', leading '.', "
+                                 "absolute path or control characters)")
+
+
+def upload_limit_mb() -> float:
+    """``--conf max_upload_mb`` of the running app (:class:`lib.config.AppConfig`), else the default."""
+    try:
+        from monailabel.interfaces.utils.app import app_instance
+
+        cfg = getattr(app_instance(), "cfg", None)
+    except Exception:  # no app running (a datastore used on its own)
+        cfg = None
+    return float(getattr(cfg, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB))
+
+
+def check_size(filename: str, what: str, limit_mb: float) -> None:
+    size = os.path.getsize(filename)
+    if size > limit_mb * 1024 * 1024:
+        raise HTTPException(413, f"{what}: {size / 1024 / 1024:.2f} MB is larger than the limit of {limit_mb:g} MB "
+                                 "(--conf max_upload_mb)")
 
 
 class TwoContrastDatastore(LocalDatastore):
     """``LocalDatastore`` whose uploads may carry the case's T1w (see the module docstring)."""
 
+    max_upload_mb: float | None = None  # None: the app's --conf max_upload_mb
+
+    def _limit_mb(self) -> float:
+        return self.max_upload_mb if self.max_upload_mb is not None else upload_limit_mb()
+
     def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        if image_id:
+            check_name(image_id, "image id")
+        check_size(image_filename, f"upload of '{image_id}'", self._limit_mb())
         info = dict(image_info or {})
         contrast = CONTRASTS.get(str(info.pop("contrast", "T2w")).lower())
         if contrast is None:
@@ -80,12 +121,16 @@ class TwoContrastDatastore(LocalDatastore):
         return super().add_image(image_id, image_filename, info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        check_name(image_id, "image id")
+        check_name(label_tag, "label tag")
+        check_size(label_filename, f"label of '{image_id}'", self._limit_mb())
         image_uri = self.get_image_uri(image_id)
-        if image_uri:  # an unknown image is refused by LocalDatastore itself
-            try:
-                check_label(label_filename, image_uri, image_id, label_tag)
-            except InputError as exc:
-                raise HTTPException(422, str(exc)) from None
+        if not image_uri:
+            raise HTTPException(404, f"image '{image_id}': not in the datastore; upload it before saving its label")
+        try:
+            check_label(label_filename, image_uri, image_id, label_tag)
+        except InputError as exc:
+            raise HTTPException(422, str(exc)) from None
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def remove_image(self, image_id: str) -> None:
