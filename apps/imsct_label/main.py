@@ -66,16 +66,10 @@ class IMSCTApp(MONAILabelApp):
         )
 
     def init_remote_datastore(self):
-        """DICOMweb: ``lib/dicomweb.py`` may provide ``init_datastore(app)``; else MONAI Label's own."""
-        try:
-            from lib import dicomweb
-        except ModuleNotFoundError as exc:
-            if exc.name != "lib.dicomweb":
-                raise
-            dicomweb = None
-        if dicomweb is not None and hasattr(dicomweb, "init_datastore"):
-            return dicomweb.init_datastore(self)
-        return super().init_remote_datastore()
+        """DICOMweb (Orthanc): MR T2w series as images, T1w from the same study (lib/dicomweb.py)."""
+        from lib.dicomweb import init_datastore
+
+        return init_datastore(self)
 
     # ---- tasks -----------------------------------------------------------------------------------
 
