@@ -142,6 +142,7 @@ def server_latencies(t2p: Path, t1p: Path, repeats: int) -> dict:
     from servers import MonaiLabelServer  # noqa: E402
 
     from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
 
     def median_of(call) -> tuple[float, float]:
         times = []
@@ -162,7 +163,11 @@ def server_latencies(t2p: Path, t1p: Path, repeats: int) -> dict:
             client = MONAILabelClient(server.url, tmpdir=tmp)
             out["infer_cascade_s"], out["infer_cascade_cold_s"] = median_of(lambda: client.infer("cascade", "paper", {"save_label": False}))
             for strategy in client.info().get("strategies", {}):
-                warm, cold = median_of(lambda: client.next_sample(strategy, {}))
+                try:
+                    warm, cold = median_of(lambda: client.next_sample(strategy, {}))
+                except MONAILabelClientException as exc:
+                    print(f"/activelearning/{strategy} failed: {exc}\n{server.log_tail(3000)}", file=sys.stderr)
+                    continue
                 out[f"next_sample_{strategy}_ms"], out[f"next_sample_{strategy}_cold_ms"] = 1000 * warm, 1000 * cold
     return out
 
@@ -177,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="work/benchmark")
     ap.add_argument("--backends", default="eager,torchscript,onnx")
     ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--only-server", action="store_true", help="only the MONAI Label latencies")
     args = ap.parse_args(argv)
 
     work = Path(args.work)
@@ -190,6 +196,10 @@ def main(argv=None) -> int:
     print(f"case: T2w {nib.load(t2p).shape} {tuple(round(float(v), 2) for v in nib.load(t2p).header.get_zooms())} mm, "
           f"T1w {nib.load(t1p).shape}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}")
+    if args.only_server:
+        for k, v in server_latencies(t2p, t1p, args.repeats).items():
+            print(f"{k}: {v:.3f}")
+        return 0
     rows = []
     for backend in args.backends.split(","):
         rows.append(in_child(args, backend, False, t2p, t1p, models))

@@ -289,3 +289,21 @@ def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
     out, params = client.infer("tumour", "sub-002", {})
     assert params["model_version"] == weights
     assert server["proc"].poll() is None
+
+
+def test_random_strategy_with_every_image_just_offered(tmp_path, monkeypatch):
+    """MONAI Label's Random weights images by seconds since last offered: all 0 when every image was
+    offered this second (one-image datastore asked twice) and random.choices fails with HTTP 500.
+    The app's strategy still answers."""
+    from monailabel.datastore.local import LocalDatastore
+
+    monkeypatch.syspath_prepend(str(APP))
+    from lib.activelearning import RandomStrategy
+
+    save_volume(np.zeros((4, 4, 4), np.uint8), np.eye(4), tmp_path / "only.nii.gz")
+    ds = LocalDatastore(str(tmp_path), extensions=("*.nii.gz",), auto_reload=False)
+    strategy = RandomStrategy()
+    for _ in range(3):
+        res = strategy({"strategy": "random"}, ds)
+        assert res["id"] == "only" and res["weight"] >= 1
+        ds.update_image_info("only", {"strategy": {"random": {"ts": int(time.time())}}})  # what /activelearning records

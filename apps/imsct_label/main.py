@@ -14,18 +14,16 @@ import os
 import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import file_checksum
 
 from imsct.labels import COLOURS, LABELS
 
-from lib.activelearning import MCDropoutUncertainty
+from lib.activelearning import MCDropoutUncertainty, RandomStrategy
 from lib.config import AppConfig
 from lib.contrasts import T1_DIR
 from lib.datastore import TwoContrastDatastore
@@ -84,7 +82,7 @@ class IMSCTApp(MONAILabelApp):
         return {name: StageTrainer(name, self.cfg) for name in ("tumour", "localiser")}
 
     def init_strategies(self):
-        return {"random": Random(), "first": First(), "uncertainty": MCDropoutUncertainty(self.store, self.cfg.mc_samples)}
+        return {"random": RandomStrategy(), "first": First(), "uncertainty": MCDropoutUncertainty(self.store, self.cfg.mc_samples)}
 
     def init_scoring_methods(self):
         return {"dice": MulticlassDice()}

@@ -14,6 +14,7 @@ earlier cascade inference with the same localiser is reused (stage 1 is determin
 from __future__ import annotations
 
 import logging
+import random
 import time
 
 import numpy as np
@@ -29,6 +30,27 @@ from .infer import remember_box
 from .models import ModelStore
 
 log = logging.getLogger(__name__)
+
+
+class RandomStrategy(Strategy):
+    """A random unlabelled image, weighted by the seconds since it was last offered (so that
+    annotators working at once tend to get different cases). Unlike MONAI Label 0.8.5's ``Random``,
+    whose weights are all 0 (and ``random.choices`` raises, HTTP 500) when every candidate was
+    offered within the current second, e.g. a one-image datastore asked twice, every weight is at
+    least 1."""
+
+    def __init__(self):
+        super().__init__("Random unlabelled image, least recently offered more likely")
+
+    def __call__(self, request, datastore):
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        now = int(time.time())
+        strategy = request["strategy"]
+        weights = [max(1, now - datastore.get_image_info(i).get("strategy", {}).get(strategy, {}).get("ts", 0)) for i in images]
+        k = random.choices(range(len(images)), weights=weights)[0]
+        return {"id": images[k], "weight": weights[k]}
 
 
 def mc_dropout_score(cascade: Cascade, t2: Volume, t1: Volume, samples: int, box=None, seed: int = 0) -> tuple[float, tuple]:
