@@ -307,3 +307,30 @@ def test_random_strategy_with_every_image_just_offered(tmp_path, monkeypatch):
         res = strategy({"strategy": "random"}, ds)
         assert res["id"] == "only" and res["weight"] >= 1
         ds.update_image_info("only", {"strategy": {"random": {"ts": int(time.time())}}})  # what /activelearning records
+
+
+def test_corrupt_weight_file_is_refused_and_the_previous_model_keeps_serving(tmp_path, monkeypatch):
+    """A weight file replaced by one that does not load (truncated copy) is refused with the
+    reason; the previous networks and their version go on serving; a loadable file is taken again.
+    With no previous model, the error names the folder."""
+    monkeypatch.syspath_prepend(str(APP))
+    from lib.models import ModelStore, seed_models
+
+    models = tmp_path / "models"
+    seed_models(models, ROOT / "bundle" / "models")
+    store = ModelStore(models)
+    first = store.cascade()
+    version = store.version()
+    good = (models / "model.pt").read_bytes()
+    (models / "model.pt").write_bytes(good[: len(good) // 3])  # a half-written / corrupt file
+    assert store.cascade() is first
+    assert store.version() == version
+    assert str(models) in store.refused["reason"]
+    assert store.cascade() is first  # refused once, not retried at every request
+    (models / "model.pt").write_bytes(good)
+    assert store.cascade() is not first and store.refused is None
+
+    fresh = ModelStore(models)
+    (models / "localiser.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=str(models)):
+        fresh.cascade()

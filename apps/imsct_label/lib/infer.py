@@ -89,6 +89,8 @@ class _IMSCTInfer(InferTask):
         out = super().info()
         out["label_colors"] = {k: list(v) for k, v in self.colours.items()}
         out["weights"] = self.store.version() if self.store.is_valid() else {}
+        if self.store.refused is not None:
+            out["weights_refused"] = self.store.refused["reason"]  # a changed file that did not load
         return out
 
     def __call__(self, request) -> tuple[str | None, dict]:

@@ -37,7 +37,10 @@ class ModelStore:
     """The cascade built from ``models_dir``, rebuilt whenever a weight file changes.
 
     ``lock`` serialises every use of the networks (inference and Monte-Carlo dropout toggle
-    module modes, so two users at once would disturb each other)."""
+    module modes, so two users at once would disturb each other). A changed weight file that does
+    not load (truncated, corrupt, another architecture) is refused: the error is logged once, kept
+    in ``refused``, and the previous weights go on serving (their version is what ``version()``
+    reports) until a loadable file appears."""
 
     def __init__(self, models_dir: str | Path, device: str = "cpu", **cascade_kw):
         self.models_dir = Path(models_dir)
@@ -47,6 +50,8 @@ class ModelStore:
         self._cascade: Cascade | None = None
         self._stamp: tuple | None = None
         self._digests: dict[tuple, str] = {}
+        self._served_version: dict | None = None
+        self.refused: dict | None = None  # {"files": stamp, "reason": str} of the last refused change
 
     def paths(self) -> dict[str, Path]:
         return {name: self.models_dir / name for name in WEIGHT_FILES}
@@ -62,7 +67,9 @@ class ModelStore:
         return tuple(out)
 
     def version(self) -> dict[str, dict]:
-        """Per weight file: modification time and a short SHA-256 (cached per mtime and size)."""
+        """Per served weight file: modification time and a short SHA-256 (cached per mtime and size)."""
+        if self.refused is not None and self._served_version is not None and self._stamps() == self.refused["files"]:
+            return self._served_version
         out = {}
         for name, mtime_ns, size in self._stamps():
             key = (name, mtime_ns, size)
@@ -80,7 +87,18 @@ class ModelStore:
         with self.lock:
             stamp = self._stamps()
             if self._cascade is None or stamp != self._stamp:
+                if self.refused is not None and stamp == self.refused["files"] and self._cascade is not None:
+                    return self._cascade  # this change was refused already: keep serving
                 log.info("loading weights from %s (%s)", self.models_dir, stamp)
-                self._cascade = build_cascade(self.models_dir, device=self.device, **self.cascade_kw)
-                self._stamp = stamp
+                try:
+                    cascade = build_cascade(self.models_dir, device=self.device, **self.cascade_kw)
+                except Exception as exc:  # noqa: BLE001 - any unreadable weight file
+                    reason = f"weights in {self.models_dir} could not be loaded: {type(exc).__name__}: {exc}"
+                    self.refused = {"files": stamp, "reason": reason[:2000]}
+                    if self._cascade is None:
+                        raise RuntimeError(reason) from exc
+                    log.error("%s; still serving the previous weights", reason)
+                    return self._cascade
+                self._cascade, self._stamp, self.refused = cascade, stamp, None
+                self._served_version = self.version()
             return self._cascade
