@@ -18,7 +18,7 @@ import numpy as np
 
 from .bids import find_cases
 from .cascade import Cascade
-from .io import InputError, load_volume, save_volumes, strip_nifti_ext, voxel_volume_mm3
+from .io import InputError, Volume, load_volume, save_volumes, strip_nifti_ext, voxel_volume_mm3
 from .labels import LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, output_paths
 from .networks import localiser, tumour_network
 from .postprocess import split_masks
@@ -78,6 +78,12 @@ def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path | No
     t2 = load_volume(t2_path, "T2w")
     if not cascade.t2_only:
         t1 = load_volume(t1_path, "T1w")
+    return segment_volumes(cascade, t2, t1, output_dir, name or strip_nifti_ext(t2_path.name), probabilities, register_t1)
+
+
+def segment_volumes(cascade: Cascade, t2: Volume, t1: Volume | None, output_dir: str | Path, name: str,
+                    probabilities: bool = False, register_t1: bool = False) -> dict:
+    """:func:`segment_case` on images already loaded (and checked) by :func:`imsct.io.load_volume`."""
     t0 = time.perf_counter()
     registration = None
     if register_t1 and t1 is not None:
@@ -90,7 +96,7 @@ def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path | No
         res = cascade(t2, t1)
     finally:
         cascade.keep_probabilities = keep
-    paths, volumes = write_outputs(res.labelmap, t2.affine, name or strip_nifti_ext(t2_path.name), output_dir,
+    paths, volumes = write_outputs(res.labelmap, t2.affine, name, output_dir,
                                    res.probabilities if probabilities else None)
     info = {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
             "seconds": round(time.perf_counter() - t0, 2), "cord_found": res.cord_found, "timings": res.timings}
@@ -139,4 +145,4 @@ class BatchRunner:
         return self.results
 
 
-__all__ = ["build_cascade", "segment_case", "BatchRunner", "output_paths", "LABELS"]
+__all__ = ["build_cascade", "segment_case", "segment_volumes", "BatchRunner", "output_paths", "LABELS"]

@@ -143,18 +143,18 @@ def run(args: argparse.Namespace) -> int:
     for f in ("localiser.pt", "model_t2only.pt" if args.t2_only else "model.pt"):
         if not (models / f).is_file():
             raise InputError(f"models folder {models}: {f} not found")
-    for path, role in ((t2, "T2w"), (t1, "T1w")):  # fail on bad images before loading the models
-        if path is not None:
-            load_volume(path, role)
+    # read (and check) the images once, before loading the models: bad input fails in about a second
+    t2_vol = load_volume(t2, "T2w")
+    t1_vol = load_volume(t1, "T1w") if t1 is not None else None
 
-    from ..runner import build_cascade, output_paths, segment_case
+    from ..runner import build_cascade, output_paths, segment_volumes
 
     out_dir = Path(args.output) if args.output else t2.parent
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output {out_dir}: exists and is not a folder")
     name = strip_nifti_ext(t2.name)
     inputs = {p.resolve() for p in (t2, t1) if p is not None}
-    planned = list(output_paths(name, out_dir).values())
+    planned = list(output_paths(name, out_dir, args.probabilities).values())
     clash = [p for p in planned if p.resolve() in inputs]
     if clash:
         raise InputError(f"output {clash[0]}: would overwrite an input; choose another folder with -o")
@@ -163,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
                             min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes)
     show = args.progress or sys.stderr.isatty()
     with stage_progress(cascade, show):
-        info = segment_case(cascade, t2, t1, out_dir, name=name, probabilities=args.probabilities,
-                            register_t1=args.register_t1 and t1 is not None)
+        info = segment_volumes(cascade, t2_vol, t1_vol, out_dir, name, probabilities=args.probabilities,
+                               register_t1=args.register_t1 and t1_vol is not None)
 
     outputs = {k: Path(v) for k, v in info["outputs"].items()}
     if args.morphometrics or levels is not None:
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     reg = info.get("t1_registration")
     if reg:
         t = [row[3] for row in reg.get("transform", [[0] * 4] * 3)[:3]]
-        print(f"T1w registered onto T2w (affine, {reg.get('metric', 'metric')} {reg.get('metric_value', float('nan')):.4g}; "
+        print(f"T1w registered onto T2w ({reg.get('metric', 'metric')} {reg.get('metric_value', float('nan')):.4g}; "
               f"translation {', '.join(f'{v:.1f}' for v in t)} mm; {reg.get('seconds', 0):.1f} s)")
     print("outputs:")
     width = max(len(k) for k in outputs)
