@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import requests
-from servers import free_port, stop_process, wait_for  # noqa: F401  (re-exported for the DICOMweb tests)
+from servers import free_port, start_logged, stop_process
 
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc", "/usr/lib/x86_64-linux-gnu/orthanc")
@@ -90,14 +90,10 @@ class OrthancServer:
             self.port = free_port()
             cfg = self.workdir / "orthanc.json"
             cfg.write_text(json.dumps(self._config(), indent=1))
-            log = open(self.log_path, "w")
-            self.proc = subprocess.Popen([orthanc_binary(), "--verbose", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.workdir, start_new_session=True)
-            log.close()
-            if wait_for(f"{self.url}/system", self.proc, self.start_timeout):
+            self.proc, last_log = start_logged([orthanc_binary(), "--verbose", str(cfg)], self.log_path,
+                                               f"{self.url}/system", self.start_timeout, self.workdir)
+            if self.proc is not None:
                 return self
-            last_log = self.log_path.read_text(errors="replace")
-            self.stop()
         raise RuntimeError(f"Orthanc did not start (config {self.workdir / 'orthanc.json'}); its log:\n{last_log[-6000:]}")
 
     def stop(self) -> None:

@@ -51,6 +51,20 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
         proc.wait(timeout=10)
 
 
+def start_logged(cmd: list[str], log_path: Path, health_url: str, timeout: float, cwd: Path,
+                 env: dict | None = None) -> tuple[subprocess.Popen | None, str]:
+    """Start ``cmd`` in its own process group, output to ``log_path``, and wait until ``health_url``
+    answers. Returns ``(process, "")`` when it is up; ``(None, its log)`` when it exited or timed
+    out (it is stopped then)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+    if wait_for(health_url, proc, timeout):
+        return proc, ""
+    text = Path(log_path).read_text(errors="replace")
+    stop_process(proc)
+    return None, text
+
+
 class MonaiLabelServer:
     """``apps/imsct_label/serve.py --studies STUDIES`` (monailabel start_server, the command users
     run) on a free loopback port, its log and caches in ``workdir``; ``conf`` becomes ``--conf KEY VALUE``."""
@@ -79,12 +93,9 @@ class MonaiLabelServer:
                    MONAI_LABEL_SESSION_PATH=str(self.workdir / "sessions"),
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=True)
-        if wait_for(f"{self.url}/info/", self.proc, self.start_timeout):
+        self.proc, log = start_logged(cmd, self.log_path, f"{self.url}/info/", self.start_timeout, self.workdir, env)
+        if self.proc is not None:
             return self
-        log = self.log_path.read_text(errors="replace")
-        self.stop()
         raise RuntimeError(f"MONAI Label server did not start ({' '.join(cmd)}); its log:\n{log[-6000:]}")
 
     def stop(self) -> None:

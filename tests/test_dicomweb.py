@@ -203,7 +203,7 @@ def test_monailabel_server_infer_and_save_through_orthanc(stack, tmp_path):
 def test_command_converts_bids_and_stores_in_orthanc(phantom_dir, orthanc, tmp_path, capsys):
     """``python -m imsct.dicom BIDS --out DIR --stow URL`` (subjects with and without sessions); storing the
     same subject twice gives the same UIDs, so Orthanc holds no duplicates. Runs last: it adds a study."""
-    from orthanc_server import free_port
+    from servers import free_port
 
     bids = tmp_path / "bids"
     (bids / "sub-001").mkdir(parents=True)
