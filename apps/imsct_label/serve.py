@@ -1,34 +1,58 @@
 """Start the IMSCT MONAI Label server, listening on the loopback interface unless told otherwise.
 
-    python apps/imsct_label/serve.py --studies DIR [--demo-cases N] [monailabel start_server options]
+    python apps/imsct_label/serve.py --studies DIR [--demo-cases N] [--token-file PATH] [monailabel start_server options]
 
 It runs ``monailabel start_server --app apps/imsct_label --studies DIR`` with ``--host 127.0.0.1``
 added when no ``--host``/``-i`` is given (``monailabel`` itself defaults to ``0.0.0.0``, every
 interface). ``--demo-cases N`` first fills an empty DIR with N phantom cases in the app's
 convention (``DIR/<id>.nii.gz`` T2w, ``DIR/T1w/<id>.nii.gz`` Gd-T1w); ``make serve`` uses it.
+
+Access: with a token (``--token-file PATH``, created with a random token when missing, or the
+environment variable ``IMSCT_LABEL_TOKEN``) every route requires it (``lib/auth.py``), on any
+address. A ``--host`` other than loopback without a token is refused unless ``--insecure-no-token``
+is given (or MONAI Label's own Keycloak authentication is enabled, MONAI_LABEL_AUTH_ENABLE=true).
+A token is never taken from the command line, where ``ps`` shows it to every user.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent
 LOOPBACK = "127.0.0.1"
+DEFAULT_ASGI_APP = "monailabel.app:app"
 
 
 def server_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """This script's own options, and the ``monailabel`` command line they stand for."""
-    ap = argparse.ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  epilog="Other options (--port, --host, --conf KEY VALUE, ...) go to monailabel start_server.")
     ap.add_argument("--studies", required=True, help="datastore: a folder, or a DICOMweb URL")
     ap.add_argument("--demo-cases", type=int, default=0, help="fill an empty studies folder with N phantom cases first")
     ap.add_argument("--demo-seed", type=int, default=7)
+    ap.add_argument("--token-file", help=f"require the access token kept in this file on every route (a missing file is "
+                                         f"created with a random token, mode 0600); or set {_auth().TOKEN_ENV}")
+    ap.add_argument("--insecure-no-token", action="store_true",
+                    help="allow a network --host without a token (a trusted, isolated network only)")
     own, rest = ap.parse_known_args(argv)
-    if not any(a in ("--host", "-i") or a.startswith("--host=") for a in rest):
+    if any(a == "--token" or a.startswith("--token=") for a in rest):
+        ap.error(f"a token on the command line is visible to every user (ps); put it in a file (--token-file PATH) "
+                 f"or the environment variable {_auth().TOKEN_ENV}")
+    if given_host(rest) is None:
         rest = [*rest, "--host", LOOPBACK]
     return own, ["monailabel", "start_server", "--app", str(APP_DIR), "--studies", own.studies, *rest]
+
+
+def given_host(rest: list[str]) -> str | None:
+    """The ``--host`` among ``monailabel start_server`` options (its spellings ``-i X``, ``-iX``,
+    ``--host=X``, ``--ho X``; the last one counts), None when there is none."""
+    ap = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ap.add_argument("-i", "--host", "--hos", "--ho", dest="host")
+    return ap.parse_known_args(rest)[0].host
 
 
 def make_demo(studies: str | Path, cases: int, seed: int = 7) -> list[str]:
@@ -51,15 +75,95 @@ def make_demo(studies: str | Path, cases: int, seed: int = 7) -> list[str]:
     return ids
 
 
+@functools.cache
+def _auth():
+    """lib/auth.py, loaded by file: the app's ``lib`` package is not importable from here under that name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("imsct_label_auth", APP_DIR / "lib" / "auth.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def read_token(own: argparse.Namespace, environ) -> str | None:
+    """The access token from ``--token-file`` or ``IMSCT_LABEL_TOKEN`` (None without either); a file
+    that is missing is created. Raises ``TokenError`` naming the file and the problem."""
+    auth = _auth()
+    env_name = auth.TOKEN_ENV
+    if own.token_file and environ.get(env_name):
+        raise auth.TokenError(f"both --token-file and {env_name} are given; use one")
+    if own.token_file:
+        token, created = auth.load_or_create_token(own.token_file)
+        where = os.path.abspath(own.token_file)
+        print(f"access token: {'created' if created else 'read from'} {where}", flush=True)
+        warning = auth.loose_permissions(where)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        return token
+    if environ.get(env_name):
+        return auth.check_token(environ[env_name], env_name)
+    return None
+
+
+def refusal(args: argparse.Namespace, token: str | None, insecure: bool, monai_auth: bool) -> str:
+    """Why the server must not start with ``monailabel start_server`` options ``args`` ('' when it may)."""
+    if token and insecure:
+        return "--insecure-no-token was given together with a token; drop one"
+    if token and monai_auth:
+        return "MONAI_LABEL_AUTH_ENABLE=true (Keycloak) and an IMSCT access token exclude each other; use one"
+    if token and (args.workers or 1) > 1:
+        return f"--workers {args.workers}: the worker processes would not check the access token; use one worker"
+    if token and args.uvicorn_app != DEFAULT_ASGI_APP:
+        return f"--uvicorn_app {args.uvicorn_app}: the access token guards {DEFAULT_ASGI_APP} only"
+    if token or monai_auth or insecure or _auth().is_loopback(args.host):
+        return ""
+    return (f"refusing to listen on {args.host}, reachable from the network, without an access token: anyone who "
+            f"reaches it could read and change the studies and the models. Give --token-file PATH (a missing file "
+            f"is created with a random token, mode 0600) or set {_auth().TOKEN_ENV}; or listen on {LOOPBACK} (no --host); "
+            f"or --insecure-no-token on a trusted, isolated network")
+
+
+def _stop_if(why: str) -> None:
+    if why:
+        print(f"serve.py: {why}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     own, cmd = server_argv(sys.argv[1:] if argv is None else argv)
-    if own.demo_cases:
-        written = make_demo(own.studies, own.demo_cases, own.demo_seed)
-        print(f"demo datastore {own.studies}: {len(written)} phantom case(s) written" if written else f"demo datastore {own.studies}: kept as it is")
+    try:
+        token = read_token(own, os.environ)
+    except ValueError as exc:  # TokenError
+        sys.exit(f"serve.py: {exc}")
+    os.environ.pop(_auth().TOKEN_ENV, None)  # not handed down to training subprocesses
+    from monailabel.config import settings
+
+    monai_auth = bool(settings.MONAI_LABEL_AUTH_ENABLE)
+    early = argparse.Namespace(host=given_host(cmd[2:]), workers=None, uvicorn_app=DEFAULT_ASGI_APP)
+    _stop_if(refusal(early, token, own.insecure_no_token, monai_auth))  # at once, before loading the app
     from monailabel.main import Main
 
+    class GuardedMain(Main):
+        def action_start_server(self, args):  # the options exactly as monailabel parsed them
+            _stop_if(refusal(args, token, own.insecure_no_token, monai_auth))
+            if own.demo_cases:
+                written = make_demo(own.studies, own.demo_cases, own.demo_seed)
+                print(f"demo datastore {own.studies}: {len(written)} phantom case(s) written" if written
+                      else f"demo datastore {own.studies}: kept as it is", flush=True)
+            if token:
+                from monailabel.app import app
+
+                _auth().protect(app, token)
+                print(f"access token required on every route (Authorization: Bearer, or log in at "
+                      f"http://{args.host}:{args.port}/auth/login for OHIF)", flush=True)
+            elif not _auth().is_loopback(args.host):
+                print(f"warning: listening on {args.host} WITHOUT an access token (--insecure-no-token or MONAI Label's "
+                      f"own authentication)", file=sys.stderr, flush=True)
+            return super().action_start_server(args)
+
     sys.argv = cmd
-    Main().run()
+    GuardedMain().run()
 
 
 if __name__ == "__main__":
