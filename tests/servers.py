@@ -25,12 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """Poll ``url`` until it answers 2xx (True), the process exits or ``timeout`` s pass (False)."""
+def wait_for(url: str, proc: subprocess.Popen, timeout: float, headers: dict | None = None) -> bool:
+    """Poll ``url`` (with ``headers``) until it answers 2xx (True), the process exits or ``timeout`` s pass (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if requests.get(url, timeout=5).ok:
+            if requests.get(url, timeout=5, headers=headers).ok:
                 return True
         except requests.RequestException:
             pass
@@ -52,13 +52,13 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
 
 
 def start_logged(cmd: list[str], log_path: Path, health_url: str, timeout: float, cwd: Path,
-                 env: dict | None = None) -> tuple[subprocess.Popen | None, str]:
+                 env: dict | None = None, headers: dict | None = None) -> tuple[subprocess.Popen | None, str]:
     """Start ``cmd`` in its own process group, output to ``log_path``, and wait until ``health_url``
-    answers. Returns ``(process, "")`` when it is up; ``(None, its log)`` when it exited or timed
+    answers (requested with ``headers``). Returns ``(process, "")`` when it is up; ``(None, its log)`` when it exited or timed
     out (it is stopped then)."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
-    if wait_for(health_url, proc, timeout):
+    if wait_for(health_url, proc, timeout, headers):
         return proc, ""
     text = Path(log_path).read_text(errors="replace")
     stop_process(proc)
@@ -67,13 +67,17 @@ def start_logged(cmd: list[str], log_path: Path, health_url: str, timeout: float
 
 class MonaiLabelServer:
     """``apps/imsct_label/serve.py --studies STUDIES`` (monailabel start_server, the command users
-    run) on a free loopback port, its log and caches in ``workdir``; ``conf`` becomes ``--conf KEY VALUE``."""
+    run) on a free loopback port, its log and caches in ``workdir``; ``conf`` becomes ``--conf KEY VALUE``;
+    ``args`` are more serve.py options, ``env`` more environment variables, ``headers`` go with the
+    readiness check (e.g. the ``Authorization`` a server started with ``--token-file`` requires)."""
 
-    def __init__(self, studies: str | os.PathLike, workdir: Path, conf: dict | None = None, start_timeout: float = 300.0):
+    def __init__(self, studies: str | os.PathLike, workdir: Path, conf: dict | None = None, start_timeout: float = 300.0,
+                 args: list[str] | None = None, env: dict | None = None, headers: dict | None = None):
         self.studies = str(studies)
         self.workdir = Path(workdir)
         self.conf = conf or {}
         self.start_timeout = start_timeout
+        self.args, self.env, self.headers = list(args or []), dict(env or {}), headers
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log_path = self.workdir / "monailabel.log"
@@ -88,12 +92,13 @@ class MonaiLabelServer:
         cmd = [sys.executable, str(APP_DIR / "serve.py"), "--studies", self.studies, "--port", str(self.port)]
         for k, v in self.conf.items():
             cmd += ["--conf", k, str(v)]
+        cmd += self.args
         env = dict(os.environ, MONAI_LABEL_DICOMWEB_CACHE_PATH=str(self.workdir / "dicom-cache"),
                    MONAI_LABEL_DATASTORE_CACHE_PATH=str(self.workdir / "dicom-cache"),
                    MONAI_LABEL_SESSION_PATH=str(self.workdir / "sessions"),
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.proc, log = start_logged(cmd, self.log_path, f"{self.url}/info/", self.start_timeout, self.workdir, env)
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **self.env)
+        self.proc, log = start_logged(cmd, self.log_path, f"{self.url}/info/", self.start_timeout, self.workdir, env, self.headers)
         if self.proc is not None:
             return self
         raise RuntimeError(f"MONAI Label server did not start ({' '.join(cmd)}); its log:\n{log[-6000:]}")
