@@ -35,6 +35,10 @@ replay=0.5, ewc_lambda=..., tolerance=0.02, seed, log=print, ...) -> RoundResult
        the gate refuses, the old file stays byte-identical and the reason is recorded.
     Every round (published or not, with the reason and the before/after metrics per centre) is
     appended to ``state_dir/rounds.json``; :func:`train_stats` summarises it for ``/info``.
+    A round killed at any point (the app's trainer is a subprocess) leaves the published weights
+    and every state file whole (all written by :func:`replace_atomically`) and is not recorded; the
+    next round removes its temporary files and runs as the killed one would have (same split, same
+    earlier centres for the gate).
 
 Stage-1 target from a final label map
 -------------------------------------
@@ -59,8 +63,8 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -111,11 +115,7 @@ def _read_json(path: Path, default):
 
 
 def _write_json(path: Path, doc) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=1, default=lambda o: None)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda fh: fh.write(json.dumps(doc, indent=1, default=lambda o: None).encode()))
 
 
 @contextmanager
@@ -283,13 +283,17 @@ def _ewc_state(net, model_file: Path, replay_files: list[Path], state_dir: Path,
     key = _file_id(model_file) + "-" + hashlib.sha1("|".join(sorted(p.name for p in replay_files)).encode()).hexdigest()[:8]
     path = state_dir / f"ewc-stage{stage}.pt"
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - an unreadable cache is recomputed
+            log(f"EWC cache {path} unreadable ({type(exc).__name__}): recomputed")
+            saved = {}
         if saved.get("key") == key:
             return saved["fisher"], saved["anchor"]
     t0 = time.perf_counter()
     fisher = fisher_information(net, replay_files, stage, patch, samples=min(16, max(4, 2 * len(replay_files))), seed=seed)
     anchor = {n: p.detach().clone() for n, p in net.named_parameters()}
-    torch.save({"key": key, "fisher": fisher, "anchor": anchor}, path)
+    replace_atomically(path, lambda fh: torch.save({"key": key, "fisher": fisher, "anchor": anchor}, fh))
     log(f"EWC: Fisher information on {len(replay_files)} replay case(s) in {time.perf_counter() - t0:.0f} s")
     return fisher, anchor
 
@@ -399,20 +403,45 @@ def gate_metric(summary: dict, centres: list[str], stage: int) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def publish(candidate: Path, target: Path) -> None:
-    """Copy ``candidate`` over ``target`` atomically: temporary file in the target's folder,
-    flushed to disk, then ``os.replace``."""
+def replace_atomically(target: str | Path, write: Callable) -> None:
+    """Write ``target`` through a temporary file in its folder (``.<name>.<random>.tmp``, created
+    with the mode ``open`` would give), flushed to disk, then ``os.replace``: a reader, or a crash
+    at any instant, finds the old file or the new one, never a partial one. ``write(fh)`` fills the
+    binary file object ``fh``."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as out, open(candidate, "rb") as src:
-            shutil.copyfileobj(src, out)
+        with os.fdopen(fd, "wb") as out:
+            write(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def copy_atomically(source: str | Path, target: str | Path) -> None:
+    """Copy ``source`` over ``target`` by :func:`replace_atomically`."""
+    with open(source, "rb") as src:
+        replace_atomically(target, lambda out: shutil.copyfileobj(src, out))
+
+
+def publish(candidate: Path, target: Path) -> None:
+    """Publish gated weights: ``candidate`` copied over the served ``target`` atomically."""
+    copy_atomically(candidate, target)
+
+
+def _remove_leftovers(models_dir: Path, state_dir: Path) -> None:
+    """Temporary files of a round that was killed before it renamed them (the round holds the
+    state folder's lock, so none of them is being written now)."""
+    for name in MODEL_FILES.values():
+        for p in models_dir.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+    for p in [*state_dir.glob(".*.json.*.tmp"), *state_dir.glob(".ewc-stage*.pt.*.tmp")]:
+        p.unlink(missing_ok=True)
 
 
 # ---- one round ---------------------------------------------------------------------------------------
@@ -435,9 +464,12 @@ def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: 
     if not model_file.exists():
         raise InputError(f"model folder {models_dir}: {MODEL_FILES[stage]} not found (the round fine-tunes the published model)")
     with _locked(state_dir):
+        _remove_leftovers(models_dir, state_dir)
         rounds = _read_json(state_dir / "rounds.json", [])
         split_before = load_split(state_dir)
-        earlier = sorted({v["centre"] for v in split_before.values()})
+        # centres known before this round; cases a killed attempt of this same round already put
+        # into the split (round == len(rounds)) do not count, so a retry gates like the first try
+        earlier = sorted({v["centre"] for v in split_before.values() if v.get("round", -1) < len(rounds)})
         split = update_split(state_dir, cases, val_fraction, len(rounds))
         res = _read_json(state_dir / "reservoir.json", {"learnt": [], "reservoir": {}, "seen": {}})
         by_name = {c.name: c for c in cases}
@@ -531,4 +563,5 @@ def train_stats(state_dir: str | Path, stage: int | None = None) -> dict:
 
 
 __all__ = ["LabelledCase", "RoundResult", "retrain_round", "update_split", "load_split", "init_state", "prepare_labelled", "stage1_target",
-           "fisher_information", "ewc_penalty", "train_candidate", "evaluate_case", "publish", "train_stats", "DILATE_MM"]
+           "fisher_information", "ewc_penalty", "train_candidate", "evaluate_case", "publish", "copy_atomically", "replace_atomically",
+           "train_stats", "DILATE_MM"]
