@@ -15,22 +15,34 @@ max_upload_mb`` (default 1024) with HTTP 413.
 
 Saved labels are checked before they replace anything: on the T2w's grid (shape and affine), and
 with values 0..3 (tumor 1, edema 2, cavity 3) for ``final`` / ``original`` or 0/1 for ``cord``.
+
+Crash safety (MONAI Label 0.8.5's ``LocalDatastore`` truncates and rewrites its files in place): a
+label file and the datastore JSON (``datastore_v2.json``) are written through a temporary file and
+renamed over the old one (:func:`imsct.continual.replace_atomically`), so a reader, or a server or
+trainer killed at any instant, finds the old or the new file, never a partial one. Every
+read-modify-write of the listing holds the datastore's file lock, so a listing reloaded from disk
+meanwhile (another process wrote it) does not swallow the change. A datastore JSON that does not
+parse (left by an older version) is set aside as ``datastore_v2.json.unreadable-<time>`` and the
+listing is rebuilt from the image and label files, instead of the server refusing to start.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
-import tempfile
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
 
+from imsct.continual import copy_atomically, replace_atomically
 from imsct.io import InputError, load_volume
 from imsct.labels import LABELS
 
@@ -81,6 +93,35 @@ class TwoContrastDatastore(LocalDatastore):
 
     max_upload_mb: float | None = None  # None: the app's --conf max_upload_mb
 
+    def __init__(self, datastore_path: str, *args, datastore_config: str = "datastore_v2.json", **kwargs):
+        set_aside_unreadable(Path(datastore_path) / datastore_config)
+        # one lock object: re-entrant within a thread (LocalDatastore's methods take a new FileLock
+        # each time, which would wait for itself when nested); still exclusive between threads and processes
+        self._write_lock = FileLock(os.path.join(datastore_path, ".lock"))
+        super().__init__(datastore_path, *args, datastore_config=datastore_config, **kwargs)
+        handler = getattr(self, "_handler", None)  # auto reload: the listing is now renamed into place, not modified
+        if handler is not None:
+            handler.on_moved = self._on_moved_event
+
+    def _on_moved_event(self, event) -> None:
+        if os.path.realpath(getattr(event, "dest_path", "")) == os.path.realpath(self._datastore_config_path):
+            self._init_from_datastore_file()  # reloads only when another process wrote it
+
+    def _update_datastore_file(self, lock=True):
+        """The listing, written atomically (the caller holds the lock when ``lock`` is False)."""
+        with self._write_lock if lock else nullcontext():
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str).encode()
+            replace_atomically(self._datastore_config_path, lambda fh: fh.write(text))
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def update_image_info(self, image_id: str, info: dict) -> None:
+        with self._write_lock:
+            super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
+        with self._write_lock:
+            super().update_label_info(label_id, label_tag, info)
+
     def _limit_mb(self) -> float:
         return self.max_upload_mb if self.max_upload_mb is not None else upload_limit_mb()
 
@@ -104,11 +145,7 @@ class TwoContrastDatastore(LocalDatastore):
             if existing and not overwrite:
                 raise HTTPException(409, f"image '{image_id}' already has a T1w ({existing[0]}); pass {{\"overwrite\": true}} to replace it")
             dest = t1_destination(self, image_id, os.path.basename(image_filename))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=dest.name, dir=dest.parent)
-            os.close(fd)
-            shutil.copyfile(image_filename, tmp)
-            os.replace(tmp, dest)
+            copy_atomically(image_filename, dest)
             for p in existing:  # a replaced T1w with the other extension
                 if p != dest:
                     p.unlink(missing_ok=True)
@@ -131,12 +168,46 @@ class TwoContrastDatastore(LocalDatastore):
             check_label(label_filename, image_uri, image_id, label_tag)
         except InputError as exc:
             raise HTTPException(422, str(exc)) from None
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        return self._store_label(image_id, label_filename, label_tag, label_info)
+
+    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        """``LocalDatastore.save_label`` with the file written atomically and the image looked up
+        under the lock (the listing may have been reloaded since the checks)."""
+        _, ext = self._to_id(os.path.basename(label_filename))
+        name = self._filename(image_id, ext)
+        info = dict(label_info or {})
+        with self._write_lock:
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise HTTPException(404, f"image '{image_id}': not in the datastore; upload it before saving its label")
+            copy_atomically(label_filename, Path(self._datastore.label_path(label_tag)) / name)
+            info.update(ts=int(time.time()), name=name)
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        log.info("label %s of %s stored (%s)", label_tag, image_id, name)
+        return image_id
 
     def remove_image(self, image_id: str) -> None:
         super().remove_image(image_id)
         for p in local_t1_candidates(self, image_id):
             Path(p).unlink(missing_ok=True)
+
+
+def set_aside_unreadable(listing: Path) -> Path | None:
+    """Move a datastore JSON that does not parse out of the way (``<name>.unreadable-<time>``), so
+    that the datastore rebuilds its listing from the files; returns where it went."""
+    if not listing.exists():
+        return None
+    with FileLock(str(listing.parent / ".lock")):
+        try:
+            json.loads(listing.read_bytes())
+            return None
+        except ValueError as exc:
+            dest = listing.with_name(f"{listing.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(listing, dest)
+            log.error("datastore listing %s does not parse (%s): kept as %s; rebuilding it from the image and label files",
+                      listing, exc, dest)
+            return dest
 
 
 def check_label(label_file: str, image_file: str, image_id: str, tag: str) -> None:
