@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bundle_train import start_bundle_training  # noqa: E402
+from bundle_train import parse_log, seconds_per_iteration, start_bundle_training  # noqa: E402
 
 CLASSES = ("tumor", "edema", "cavity", "whole-tumor")
 METRICS = ("dice", "tpr_detection", "fpr_detection", "precision", "recall", "avd", "rvd")
@@ -30,6 +31,42 @@ METRICS = ("dice", "tpr_detection", "fpr_detection", "precision", "recall", "avd
 
 def datalist_entry(case) -> dict:
     return {"t2": str(case.t2.resolve()), "t1": str(case.t1.resolve()), "labels": {k: str(v.resolve()) for k, v in case.labels.items()}}
+
+
+def cell(t: dict, scale: float) -> str:
+    return "n/a" if t["mean"] is None else f"{scale * t['mean']:.1f} ± {scale * t['std']:.1f}"
+
+
+def markdown_table(table: dict) -> str:
+    """Mean ± std over splits: Dice, precision, recall, detection TPR/FPR in %, AVD/RVD in %."""
+    rows = ["| metric | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
+    for metric in METRICS:
+        rows.append(f"| {metric} (%) | " + " | ".join(cell(table[f"{c}_{metric}"], 100) for c in CLASSES) + " |")
+    extra = [("stage-1 (cord) Dice (%)", "stage1_dice_mean"), ("lesion voxels inside the cord box (%)", "lesion_voxels_in_box"),
+             ("subjects with all lesions inside the box (%)", "subjects_lesions_fully_in_box")]
+    rows += ["", "| cascade | mean ± std over splits |", "|---|---|"]
+    rows += [f"| {label} | {cell(table[key], 100)} |" for label, key in extra]
+    return "\n".join(rows)
+
+
+def report(splits: list, args, command: str, wall: float) -> None:
+    """Table over the splits done so far; results.json (and the markdown doc) rewritten after each split."""
+    out = Path(args.out)
+    table: dict = {}
+    for metric in METRICS:
+        for c in CLASSES:
+            vals = [s[f"{c}_{metric}_mean"] for s in splits if s[f"{c}_{metric}_mean"] is not None]
+            table[f"{c}_{metric}"] = {"mean": float(np.mean(vals)) if vals else None, "std": float(np.std(vals)) if vals else None, "splits": len(vals)}
+    for key in ("stage1_dice_mean", "lesion_voxels_in_box", "subjects_lesions_fully_in_box"):
+        vals = [s[key] for s in splits if s.get(key) is not None]
+        table[key] = {"mean": float(np.mean(vals)) if vals else None, "std": float(np.std(vals)) if vals else None, "splits": len(vals)}
+    (out / "results.json").write_text(json.dumps({"command": command, "settings": vars(args), "wall_s": wall, "table": table,
+                                                  "splits": splits}, indent=1))
+    md = markdown_table(table)
+    print(md)
+    print(f"wall time {wall / 60:.1f} min")
+    if args.doc:
+        Path(args.doc).write_text(f"# {len(splits)} of {args.k} random splits (phantoms)\n\nCommand: `{command}`\n\nWall time {wall / 60:.1f} min.\n\n{md}\n")
 
 
 def main(argv=None) -> int:
@@ -48,9 +85,14 @@ def main(argv=None) -> int:
     ap.add_argument("--patch2", default="[96, 96, 32]")
     ap.add_argument("--batch1", type=int, default=2)
     ap.add_argument("--batch2", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per training process (both stages run at once)")
+    ap.add_argument("--val-interval", type=int, default=None, help="validate every N epochs (default: at half and at the end of each stage's epochs, or only at the end)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per training process and for evaluation")
+    ap.add_argument("--sequential", action="store_true", help="train stage 1, then stage 2 (default: both at once)")
     ap.add_argument("--out", default="work/ksplit")
+    ap.add_argument("--doc", default=None, help="write the table (markdown) here")
     args = ap.parse_args(argv)
+    t_start = time.time()
+    command = "python scripts/ksplit.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     from imsct.bids import find_cases
     from imsct.cascade import Cascade
@@ -58,7 +100,9 @@ def main(argv=None) -> int:
     from imsct.networks import localiser, tumour_network
     from imsct.phantoms import generate_dataset
     from imsct.training import load_weights
+    import torch
 
+    torch.set_num_threads(args.threads)
     data, out = Path(args.data), Path(args.out)
     if not (data / "participants.tsv").exists():
         generate_dataset(data, args.cases, args.seed, progress=True)
@@ -75,42 +119,46 @@ def main(argv=None) -> int:
         sdir.mkdir(parents=True, exist_ok=True)
         datalist = sdir / "datalist.json"
         datalist.write_text(json.dumps({"training": [datalist_entry(c) for c in train], "validation": [datalist_entry(c) for c in val]}, indent=1))
-        procs = []
-        for stage, epochs, samples, patch, batch in ((1, args.epochs1, args.samples1, args.patch1, args.batch1),
-                                                     (2, args.epochs2, args.samples2, args.patch2, args.batch2)):
+        plans = ((1, args.epochs1, args.samples1, args.patch1, args.batch1), (2, args.epochs2, args.samples2, args.patch2, args.batch2))
+        timing = {}
+
+        def start(stage, epochs, samples, patch, batch):
+            timing[stage] = time.time()
             proc, _ = start_bundle_training(
                 sdir / f"stage{stage}.log", args.threads, datalist=datalist, output_dir=sdir / f"stage{stage}",
                 cache_dir=out / "cache", stage=stage, epochs=epochs, samples_per_epoch=samples, patch_size=patch,
-                batch_size=batch, val_interval=max(1, epochs // 4), seed=args.seed + split)
-            procs.append(proc)
-        if any(p.wait() != 0 for p in procs):
+                batch_size=batch, val_interval=args.val_interval or (epochs // 2 if epochs % 2 == 0 else epochs), seed=args.seed + split)
+            print(f"split {split}: stage {stage} training, log in {sdir}/stage{stage}.log", flush=True)
+            return stage, proc
+
+        def finish(stage, proc):
+            rc = proc.wait()
+            timing[stage] = round(time.time() - timing[stage], 1)
+            return rc
+
+        if args.sequential:
+            failed = any(finish(*start(*plan)) != 0 for plan in plans)
+        else:
+            running = [start(*plan) for plan in plans]
+            failed = any([finish(*r) != 0 for r in running])
+        if failed:
             print(f"split {split}: training failed, see {sdir}/stage*.log", file=sys.stderr)
             return 1
         cascade = Cascade(load_weights(localiser(), sdir / "stage1" / "best.pt"), load_weights(tumour_network(), sdir / "stage2" / "best.pt"))
+        t_eval = time.time()
         rows = [evaluate_case(cascade, c)[0] for c in test]
         summary = summarise(rows)
         write_report(rows, summary, sdir / "eval")
+        for stage in (1, 2):
+            log = (sdir / f"stage{stage}.log").read_text()
+            summary[f"stage{stage}_training"] = {"wall_s": timing[stage], "seconds_per_iteration": seconds_per_iteration(log),
+                                                 "val_mean_dice": parse_log(log)["val_mean_dice"]}
+        summary["evaluation_wall_s"] = round(time.time() - t_eval, 1)
+        summary["cases"] = {"train": [c.name for c in train], "validation": [c.name for c in val], "test": [c.name for c in test]}
         splits.append(summary)
         print(f"split {split}: whole tumour Dice {summary['whole-tumor_dice_mean']}", flush=True)
+        report(splits, args, command, round(time.time() - t_start, 1))
 
-    table: dict = {}
-    for metric in METRICS:
-        for c in CLASSES:
-            vals = [s[f"{c}_{metric}_mean"] for s in splits if s[f"{c}_{metric}_mean"] is not None]
-            table[f"{c}_{metric}"] = {"mean": float(np.mean(vals)) if vals else None, "std": float(np.std(vals)) if vals else None, "splits": len(vals)}
-    for key in ("stage1_dice_mean", "lesion_voxels_in_box", "subjects_lesions_fully_in_box"):
-        vals = [s[key] for s in splits if s[key] is not None]
-        table[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "splits": len(vals)}
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "table": table, "splits": splits}, indent=1))
-    print("metric            " + "  ".join(f"{c:>16}" for c in CLASSES))
-    for metric in METRICS:
-        cells = []
-        for c in CLASSES:
-            t = table[f"{c}_{metric}"]
-            cells.append("n/a".rjust(16) if t["mean"] is None else f"{100 * t['mean']:6.1f} +- {100 * t['std']:4.1f}".rjust(16))
-        print(f"{metric:<18}" + "  ".join(cells))
-    print(f"stage-1 Dice {100 * table['stage1_dice_mean']['mean']:.1f} +- {100 * table['stage1_dice_mean']['std']:.1f}; "
-          f"subjects with all lesions in the box {100 * table['subjects_lesions_fully_in_box']['mean']:.1f} %")
     return 0
 
 
