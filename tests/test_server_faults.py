@@ -13,10 +13,13 @@ and retraining can run on them). The tests run in file order and build on each o
    localiser always runs on its full 512x256x32 field, ~10 s on one core): all answer a label map
    on the T2w grid and the server answers afterwards;
 3. a retraining round SIGKILLed while it iterates: served weights, labels and datastore JSON stay
-   byte-identical, nothing new in the served model folder, and the next round runs and publishes;
+   byte-identical, nothing new in the served model folder, and the next round clears what a kill
+   inside publication would leave, runs as the killed one would have, and publishes;
 4. the server stopped (SIGTERM), then SIGKILLed while annotators re-save their labels: a new server
    on the same folder lists every final label, each byte-identical to the last version sent (an
-   acknowledged save is never lost; an unacknowledged one is either the old or the new file).
+   acknowledged save is never lost; an unacknowledged one is either the old or the new file);
+5. a datastore JSON cut short (by an older version's in-place writer) is set aside and the listing
+   rebuilt from the files (MONAI Label's own datastore refuses to start on it).
 """
 
 from __future__ import annotations
@@ -382,6 +385,8 @@ def test_restarted_server_has_every_label_after_sigterm_and_after_sigkill_mid_sa
             if len(acked) >= N_CASES // 5:
                 first_acks.set()
 
+    watcher = DiskWatcher(studies, {cid: set(labels[cid]) for cid in CASE_IDS})  # old or new, never a mix
+    watcher.start()
     with ThreadPoolExecutor(N_CASES) as pool:
         futures = [pool.submit(save, cid) for cid in CASE_IDS]
         assert first_acks.wait(HTTP_TIMEOUT), server.log_tail()
@@ -389,6 +394,9 @@ def test_restarted_server_has_every_label_after_sigterm_and_after_sigkill_mid_sa
         server.proc.wait(timeout=30)
         for f in futures:
             f.result()
+    watcher.stop_event.set()
+    watcher.join()
+    assert watcher.reads > 0 and not watcher.torn, watcher.torn[:10]
     data["timings"]["saves acknowledged before SIGKILL"] = len(acked)
     server.proc = None
     t0 = time.perf_counter()
