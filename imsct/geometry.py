@@ -95,6 +95,38 @@ def resample(
     return out[0] if squeeze else out
 
 
+def covering_box(
+    lo: np.ndarray, hi: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index box ``(lo, hi)`` (hi exclusive) on the destination grid holding every voxel that
+    trilinear resampling of the source box ``[lo, hi)`` can reach: outside it, resampling an
+    array that is zero outside the source box gives exactly zero."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    # voxel centres from lo - 1 to hi (one voxel of interpolation support on each side)
+    corners = np.array([[a, b, c, 1.0] for a in (lo[0] - 1, hi[0]) for b in (lo[1] - 1, hi[1]) for c in (lo[2] - 1, hi[2])])
+    ijk = (np.linalg.inv(np.asarray(dst_affine, np.float64)) @ np.asarray(src_affine, np.float64) @ corners.T)[:3].T
+    shape = np.asarray(dst_shape[:3])
+    out_lo = np.clip(np.floor(ijk.min(0)).astype(int) - 1, 0, shape)
+    out_hi = np.clip(np.ceil(ijk.max(0)).astype(int) + 2, 0, shape)
+    return out_lo, out_hi
+
+
+def shifted(affine: np.ndarray, lo) -> np.ndarray:
+    """Affine of the sub-grid whose first voxel is index ``lo`` of the grid of ``affine``."""
+    t = np.eye(4)
+    t[:3, 3] = np.asarray(lo, np.float64)
+    return np.asarray(affine, np.float64) @ t
+
+
+def fields_intersect(src_shape: tuple[int, ...], src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray) -> bool:
+    """Whether the source field's bounding box (in destination voxel space, from its 8 corners)
+    meets the destination grid: a cheap test that is False only when the fields cannot overlap."""
+    n = np.asarray(src_shape[:3], np.float64)
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0] - 0.5) for j in (-0.5, n[1] - 0.5) for k in (-0.5, n[2] - 0.5)])
+    ijk = (np.linalg.inv(np.asarray(dst_affine, np.float64)) @ np.asarray(src_affine, np.float64) @ corners.T)[:3].T
+    return bool(np.all(ijk.max(0) > -0.5) and np.all(ijk.min(0) < np.asarray(dst_shape[:3]) - 0.5))
+
+
 def field_overlap(
     src_shape: tuple[int, ...], src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray
 ) -> torch.Tensor:

@@ -47,18 +47,19 @@ def postprocess_labelmap(
     """Fill holes in each class and in the whole tumour, then remove components smaller than the
     class's minimum volume (cm3, converted with the voxel volume in mm3)."""
     out = labelmap.copy()
+    box = ndimage.find_objects((out > 0).astype(np.uint8))
+    if not box:
+        return out
+    sub = out[box[0]]  # a view: every step works inside the lesions' bounding box only
     if fill_holes:
-        box = ndimage.find_objects((out > 0).astype(np.uint8))
-        if box:  # work inside the lesions' bounding box only
-            sub = out[box[0]]
-            holes = ndimage.binary_fill_holes(sub > 0) & (sub == 0)
-            if holes.any():  # a hole takes the class of its nearest labelled voxel
-                idx = ndimage.distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
-                sub[holes] = sub[tuple(i[holes] for i in idx)]
+        holes = ndimage.binary_fill_holes(sub > 0) & (sub == 0)
+        if holes.any():  # a hole takes the class of its nearest labelled voxel
+            idx = ndimage.distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
+            sub[holes] = sub[tuple(i[holes] for i in idx)]
     for name, value in LABELS.items():
-        mask = out == value
+        mask = sub == value
         kept = remove_small(mask, min_volume_cm3.get(name, 0.0) * 1000.0 / voxel_mm3)
-        out[mask & ~kept] = 0
+        sub[mask & ~kept] = 0
     return out
 
 

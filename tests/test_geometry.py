@@ -97,3 +97,38 @@ def test_cascade_orientation_round_trip(phantom_dir, cascade):
     l1 = reorient(r1.labelmap, t2.affine, codes)[0]
     assert (l1 != r2.labelmap).mean() < 1e-4
     assert r1.labelmap.shape == t2.shape and r2.labelmap.shape == d2.shape
+
+
+def _oblique_affine(rng, zooms):
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    aff = np.eye(4)
+    aff[:3, :3] = q * np.asarray(zooms)
+    aff[:3, 3] = rng.normal(scale=20, size=3)
+    return aff
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resampling_a_box_onto_its_covering_box_equals_the_whole_grid(seed):
+    """The cascade resamples only the stage-1 box onto the part of the T2w grid it reaches: that
+    must give exactly what resampling the whole (zero outside the box) working array gives."""
+    from imsct.geometry import covering_box, shifted
+
+    rng = np.random.default_rng(seed)
+    w_shape, w_aff = (40, 36, 12), _oblique_affine(rng, (1.0, 1.0, 2.0))
+    lo, hi = np.array([7, 9, 2]), np.array([31, 20, 10])
+    box = rng.random((2, *(hi - lo))).astype(np.float32) + 0.1
+    whole = np.zeros((2, *w_shape), np.float32)
+    whole[(slice(None), *[slice(a, b) for a, b in zip(lo, hi)])] = box
+    # a native grid finer than the working grid, rotated against it, covering it
+    n_aff = _oblique_affine(rng, (0.7, 0.6, 1.5))
+    centre_w = w_aff @ np.r_[(np.asarray(w_shape) - 1) / 2, 1]
+    n_shape = (90, 90, 40)
+    n_aff[:3, 3] += centre_w[:3] - (n_aff @ np.r_[(np.asarray(n_shape) - 1) / 2, 1])[:3]
+    ref = resample(whole, w_aff, n_shape, n_aff).numpy()
+    n_lo, n_hi = covering_box(lo, hi, w_aff, n_shape, n_aff)
+    assert np.all(n_hi - n_lo < np.asarray(n_shape))  # it is a real sub-box here, not the whole grid
+    sub = resample(box, shifted(w_aff, lo), tuple(int(v) for v in n_hi - n_lo), shifted(n_aff, n_lo)).numpy()
+    got = np.zeros_like(ref)
+    got[(slice(None), *[slice(a, b) for a, b in zip(n_lo, n_hi)])] = sub
+    assert ref.max() > 0.1  # the box is seen on the native grid
+    assert np.abs(got - ref).max() < 1e-5
