@@ -61,3 +61,12 @@ def test_largest_component_and_remove_small():
     assert largest_component(m).sum() == 216
     assert remove_small(m, 9).sum() == 216 and remove_small(m, 8).sum() == 224
     assert not largest_component(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_localiser_field_is_fitted_to_the_image():
+    from imsct.cascade import STAGE1_FIELD, fitted_field
+
+    assert fitted_field((273, 272, 30)) == (288, 256, 32)  # rounded up to 16, never above the field
+    assert fitted_field((600, 100, 12)) == (512, 112, 16)
+    assert all(v % 16 == 0 for v in fitted_field((17, 33, 49)))
+    assert fitted_field((1000, 1000, 1000)) == STAGE1_FIELD

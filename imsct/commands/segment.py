@@ -34,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probabilities", action="store_true",
                         help="also save per-class probability maps <name>_prob-<class>.nii.gz (float32, T2w grid)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="network arithmetic: auto (default) = bfloat16 where the CPU/GPU runs it natively "
+                             "(about 2x faster, same masks on phantoms), else float32")
     parser.add_argument("--t2-only", action="store_true", help="no T1w: use the T2w-only model (model_t2only.pt)")
-    parser.add_argument("--register-t1", action="store_true", help="align the T1w onto the T2w (ITK affine) before segmenting")
+    parser.add_argument("--register-t1", action="store_true", help="align the T1w onto the T2w (rigid, ITK) before segmenting")
     parser.add_argument("--morphometrics", action="store_true", help="also write <name>_morphometrics.csv and .json")
     parser.add_argument("--levels", metavar="JSON",
                         help="vertebral levels for the morphometrics, implies --morphometrics ({\"vertebrae\": "
@@ -160,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"output {clash[0]}: would overwrite an input; choose another folder with -o")
 
     cascade = build_cascade(models, device=args.device, t2_only=args.t2_only, threshold=args.thr,
-                            min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes)
+                            min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes,
+                            amp={"auto": "auto", "float32": False, "bfloat16": True}[args.precision])
     show = args.progress or sys.stderr.isatty()
     with stage_progress(cascade, show):
         info = segment_volumes(cascade, t2_vol, t1_vol, out_dir, name, probabilities=args.probabilities,

@@ -1,0 +1,26 @@
+"""The default (fast) inference path against the float32, full-field reference on a phantom."""
+
+import numpy as np
+
+from imsct.cascade import STAGE1_FIELD, Cascade, bf16_native
+from imsct.io import load_volume
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_fast_default_agrees_with_float32_full_field(phantom_dir, cascade):
+    t2 = load_volume(next(phantom_dir.glob("sub-001/anat/*_T2w.nii.gz")))
+    t1 = load_volume(next(phantom_dir.glob("sub-001/anat/*_T1w.nii.gz")))
+    fast = Cascade(cascade.localiser, cascade.segmenter)
+    assert fast.amp == bf16_native(fast.device) and fast.fit_field
+    reference = Cascade(cascade.localiser, cascade.segmenter, amp=False, fit_field=False, field_size=STAGE1_FIELD)
+    a, b = reference(t2, t1), fast(t2, t1)
+    assert a.labelmap.shape == b.labelmap.shape == t2.shape
+    assert (a.labelmap > 0).sum() > 100  # the phantom's lesion is found at all
+    assert dice(a.cord_working > 0, b.cord_working > 0) > 0.9
+    assert dice(a.labelmap > 0, b.labelmap > 0) > 0.9
+    for value in (1, 2, 3):  # per class where the reference has a sizeable region
+        if (a.labelmap == value).sum() > 200:
+            assert dice(a.labelmap == value, b.labelmap == value) > 0.8
