@@ -102,6 +102,24 @@ def dice_stats(summary: dict) -> dict:
             for c in ("tumor", "edema", "cavity", "whole-tumor")}
 
 
+def interleaved_timing(cascades: dict, cases, repeats: int = 1) -> dict:
+    """Seconds (wall and CPU) per case of each cascade, the arms alternating case by case in one
+    process so that both see the same load on a shared CPU; medians over cases and repeats."""
+    from imsct.io import load_volume
+
+    times: dict = {arm: {"wall": [], "cpu": []} for arm in cascades}
+    for _ in range(repeats):
+        for case in cases:
+            t2, t1 = load_volume(case.t2, "T2w"), load_volume(case.t1, "T1w")
+            for arm, cascade in cascades.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                cascade(t2, t1)
+                times[arm]["wall"].append(time.perf_counter() - w0)
+                times[arm]["cpu"].append(time.process_time() - c0)
+    return {arm: {"median_wall_s": float(np.median(t["wall"])), "median_cpu_s": float(np.median(t["cpu"])), "runs": len(t["wall"])}
+            for arm, t in times.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", default="work/shipped/train")
@@ -129,6 +147,8 @@ def main(argv=None) -> int:
                     help="train nothing: evaluate the runs already in --out (training time read from their logs)")
     ap.add_argument("--arms", default="cascade,single", help="arms to evaluate now (cascade, single); each arm's result is "
                     "kept in --out/arm_stage<N>.json and reused, the table is written once both are there")
+    ap.add_argument("--timing-cases", type=int, default=0,
+                    help="time inference only: the first N held-out cases, both arms alternating (uses the selected weights in --out)")
     args = ap.parse_args(argv)
 
     import torch
@@ -158,6 +178,22 @@ def main(argv=None) -> int:
         print(f"cascade arm: {reused['weights']} as recorded in {args.reuse_cascade}; single network trained with {recipe}", flush=True)
     val_interval = args.val_interval or args.epochs
     torch.set_num_threads(args.threads)
+    if args.timing_cases:
+        from imsct.bids import find_cases
+
+        single = Path(args.out) / "stage0" / "model_fp16.pt"
+        cascade_w = Path(reused["weights"]) if reused else Path(args.out) / "stage2" / "model_fp16.pt"
+        cascades = {"cascade": Cascade(load_weights(localiser(), Path(args.models) / "localiser.pt"), load_weights(tumour_network(), cascade_w)),
+                    "single network": Cascade(None, load_weights(tumour_network(), single))}
+        cases = [c for c in find_cases(args.heldout) if c.labels][: args.timing_cases]
+        timing = interleaved_timing(cascades, cases)
+        timing["cases"] = [c.name for c in cases]
+        timing["threads"] = args.threads
+        timing["speedup_wall"] = timing["single network"]["median_wall_s"] / timing["cascade"]["median_wall_s"]
+        timing["speedup_cpu"] = timing["single network"]["median_cpu_s"] / timing["cascade"]["median_cpu_s"]
+        print(json.dumps(timing, indent=1))
+        (Path(args.out) / "timing.json").write_text(json.dumps(timing, indent=1))
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
