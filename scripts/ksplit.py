@@ -108,6 +108,8 @@ def main(argv=None) -> int:
         generate_dataset(data, args.cases, args.seed, progress=True)
     cases = [c for c in find_cases(data) if c.labels]
     splits = []
+    recipe = {k: getattr(args, k) for k in ("data", "cases", "seed", "k", "test_fraction", "val_fraction", "epochs1", "epochs2", "samples1",
+                                             "samples2", "patch1", "patch2", "batch1", "batch2", "val_interval")}
     for split in range(args.k):
         order = np.random.default_rng(args.seed + split).permutation(len(cases))
         n_test = max(1, int(round(args.test_fraction * len(cases))))
@@ -117,6 +119,17 @@ def main(argv=None) -> int:
         train = [cases[i] for i in order[n_test + n_val:]]
         sdir = out / f"split{split}"
         sdir.mkdir(parents=True, exist_ok=True)
+        # A split finished by an earlier run with the same training settings is read back, so a long
+        # k-split (the shipped recipe: ~75 min per split on a 2-core CPU) can be run a few splits at a time.
+        done_file = sdir / "summary.json"
+        if done_file.exists():
+            done = json.loads(done_file.read_text())
+            if done.get("recipe") == recipe:
+                splits.append(done)
+                print(f"split {split}: done earlier ({done_file}), read back", flush=True)
+                report(splits, args, command, round(time.time() - t_start, 1))
+                continue
+            print(f"split {split}: {done_file} has other settings; training again", flush=True)
         datalist = sdir / "datalist.json"
         datalist.write_text(json.dumps({"training": [datalist_entry(c) for c in train], "validation": [datalist_entry(c) for c in val]}, indent=1))
         plans = ((1, args.epochs1, args.samples1, args.patch1, args.batch1), (2, args.epochs2, args.samples2, args.patch2, args.batch2))
@@ -155,6 +168,8 @@ def main(argv=None) -> int:
                                                  "val_mean_dice": parse_log(log)["val_mean_dice"]}
         summary["evaluation_wall_s"] = round(time.time() - t_eval, 1)
         summary["cases"] = {"train": [c.name for c in train], "validation": [c.name for c in val], "test": [c.name for c in test]}
+        summary["recipe"] = recipe
+        done_file.write_text(json.dumps(summary, indent=1, default=float))
         splits.append(summary)
         print(f"split {split}: whole tumour Dice {summary['whole-tumor_dice_mean']}", flush=True)
         report(splits, args, command, round(time.time() - t_start, 1))
