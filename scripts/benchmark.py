@@ -142,7 +142,7 @@ def in_child(args, backend: str, whole_field: bool, t2p: Path, t1p: Path, models
     return json.loads(out.strip().splitlines()[-1])
 
 
-def server_latencies(t2p: Path, t1p: Path, repeats: int) -> dict:
+def server_latencies(t2p: Path, t1p: Path, repeats: int, threads: int = 0) -> dict:
     """/infer/cascade and /activelearning/<strategy> latency on a live MONAI Label server (the
     app's own launcher, as the tests start it) whose datastore holds the paper-sized case."""
     import shutil
@@ -163,6 +163,9 @@ def server_latencies(t2p: Path, t1p: Path, repeats: int) -> dict:
         return rest[len(rest) // 2], times[0]
 
     out: dict = {}
+    # the test launcher runs servers on one thread unless OMP_NUM_THREADS says otherwise; a served
+    # model gets the same threads as the pipelines above
+    os.environ["OMP_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         studies = Path(tmp) / "studies"
         (studies / "T1w").mkdir(parents=True)
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
           f"T1w {nib.load(t1p).shape}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}")
     if args.only_server:
-        for k, v in server_latencies(t2p, t1p, args.repeats).items():
+        for k, v in server_latencies(t2p, t1p, args.repeats, args.threads).items():
             print(f"{k}: {v:.3f}")
         return 0
     rows = []
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
           f"fastest backend: {best['backend']} {best['total']:.2f} s")
     next_ms = float("nan")
     if not args.skip_server:
-        lat = server_latencies(t2p, t1p, args.repeats)
+        lat = server_latencies(t2p, t1p, args.repeats, args.threads)
         for k, v in lat.items():
             print(f"{k}: {v:.3f}")
         ms = [v for k, v in lat.items() if k.startswith("next_sample_") and not k.endswith("cold_ms")]
