@@ -95,16 +95,21 @@ def resample(
     return out[0] if squeeze else out
 
 
+def _corners_in(lo, hi, src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray:
+    """The 8 corners of the index box ``[lo, hi]`` of one grid as ``(8, 3)`` indices of another."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    return (np.linalg.inv(np.asarray(dst_affine, np.float64)) @ np.asarray(src_affine, np.float64) @ corners.T)[:3].T
+
+
 def covering_box(
     lo: np.ndarray, hi: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index box ``(lo, hi)`` (hi exclusive) on the destination grid holding every voxel that
     trilinear resampling of the source box ``[lo, hi)`` can reach: outside it, resampling an
     array that is zero outside the source box gives exactly zero."""
-    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     # voxel centres from lo - 1 to hi (one voxel of interpolation support on each side)
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0] - 1, hi[0]) for b in (lo[1] - 1, hi[1]) for c in (lo[2] - 1, hi[2])])
-    ijk = (np.linalg.inv(np.asarray(dst_affine, np.float64)) @ np.asarray(src_affine, np.float64) @ corners.T)[:3].T
+    ijk = _corners_in(np.asarray(lo, np.float64) - 1, hi, src_affine, dst_affine)
     shape = np.asarray(dst_shape[:3])
     out_lo = np.clip(np.floor(ijk.min(0)).astype(int) - 1, 0, shape)
     out_hi = np.clip(np.ceil(ijk.max(0)).astype(int) + 2, 0, shape)
@@ -121,9 +126,7 @@ def shifted(affine: np.ndarray, lo) -> np.ndarray:
 def fields_intersect(src_shape: tuple[int, ...], src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray) -> bool:
     """Whether the source field's bounding box (in destination voxel space, from its 8 corners)
     meets the destination grid: a cheap test that is False only when the fields cannot overlap."""
-    n = np.asarray(src_shape[:3], np.float64)
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0] - 0.5) for j in (-0.5, n[1] - 0.5) for k in (-0.5, n[2] - 0.5)])
-    ijk = (np.linalg.inv(np.asarray(dst_affine, np.float64)) @ np.asarray(src_affine, np.float64) @ corners.T)[:3].T
+    ijk = _corners_in(np.full(3, -0.5), np.asarray(src_shape[:3], np.float64) - 0.5, src_affine, dst_affine)
     return bool(np.all(ijk.max(0) > -0.5) and np.all(ijk.min(0) < np.asarray(dst_shape[:3]) - 0.5))
 
 
