@@ -43,7 +43,7 @@ def stage1_input(t2_working: np.ndarray, field_size=STAGE1_FIELD) -> tuple[np.nd
 def fitted_field(shape: tuple[int, ...], field_size=STAGE1_FIELD, multiple: int = 16) -> tuple[int, int, int]:
     """The localiser's field for a working grid of ``shape``: the image rounded up to a multiple
     of 16 (the U-Net's stride), at most ``field_size``. A fully convolutional network needs no
-    more padding than that, and a 272-voxel-long sagittal scan then costs a 288-long pass, not 512."""
+    more padding than that, and a 273-voxel-long sagittal scan then costs a 288-long pass, not 512."""
     return tuple(min(int(f), -(-int(s) // multiple) * multiple) for f, s in zip(field_size, shape[:3]))  # type: ignore[return-value]
 
 
@@ -123,7 +123,7 @@ class Cascade:
         self.keep_probabilities = keep_probabilities
         self.min_t1_coverage = min_t1_coverage
         # amp: bfloat16 autocast for both networks; "auto" = where the hardware runs it natively
-        # (measured on phantoms: the label maps of bf16 and float32 agree, see docs/performance)
+        # (held-out phantoms: same Dice as float32; README, "Performance")
         self.amp = bf16_native(self.device) if amp == "auto" else bool(amp)
         self.field_size = tuple(int(v) for v in field_size)
         # fit_field: run the localiser on the image rounded up to 16 voxels (at most field_size)
@@ -162,6 +162,27 @@ class Cascade:
         out[tuple(slice(a, b) for a, b in zip(lo, hi))] = mask[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))]
         return out
 
+    def find_box(self, t2w: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Stage 1 and its box on the working grid: the cord mask (empty without a localiser) and
+        the box stage 2 works in (the whole field when no cord is found or there is no localiser)."""
+        whole = (np.zeros(3, int), np.asarray(t2w.shape))
+        if self.localiser is None:
+            return np.zeros(t2w.shape, np.uint8), whole
+        cord = self.localise(t2w)
+        return cord, cord_box(cord, t2w.shape, self.safety_factor, tuple(self.inferer.roi_size)) or whole
+
+    def stage2_input(self, t2w: np.ndarray, w_aff: np.ndarray, box, t1: Volume | None) -> tuple[np.ndarray, float]:
+        """The ``(2, ...)`` stage-2 crop of ``box``: the working T2w and the T1w resampled inside
+        the box only (zeros for the T2w-only model), and the share of the box the T1w covers."""
+        lo, hi = box
+        t2_crop = t2w[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+        if self.t2_only:
+            return np.stack([t2_crop, np.zeros_like(t2_crop)]), 1.0
+        box_shape, box_aff = t2_crop.shape, shifted(w_aff, lo)
+        t1_crop = resample(t1.data, t1.affine, box_shape, box_aff).numpy()
+        coverage = float(field_overlap(t1.shape, t1.affine, box_shape, box_aff).numpy().mean())
+        return np.stack([t2_crop, t1_crop]), coverage
+
     @torch.no_grad()
     def segment_crop(self, image: np.ndarray) -> np.ndarray:
         """Stage 2 by Gaussian-blended sliding window on a ``(2, ...)`` crop: ``(4, ...)`` probabilities."""
@@ -184,35 +205,22 @@ class Cascade:
 
         self._stage("localise")
         t0 = time.perf_counter()
-        if self.localiser is None:
-            cord, box = np.zeros(w_shape, np.uint8), (np.zeros(3, int), np.asarray(w_shape))
-        else:
-            cord = self.localise(t2w)
-            box = cord_box(cord, w_shape, self.safety_factor, tuple(self.inferer.roi_size))
+        cord, box = self.find_box(t2w)
         tm["localise"] = time.perf_counter() - t0
-        if box is None:
+        if self.localiser is not None and not cord.any():
             log.warning("%s: no spinal cord found by stage 1; segmenting the whole field", t2.path)
-            box = (np.zeros(3, int), np.asarray(w_shape))
         lo, hi = box
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-        box_shape, box_aff = tuple(int(b - a) for a, b in zip(lo, hi)), shifted(w_aff, lo)
         t0 = time.perf_counter()
-        # the T1w is needed inside the box only: resampled there, not over the whole field
-        if self.t2_only:
-            t1w = np.zeros(box_shape, np.float32)
-        else:
-            t1w = resample(t1.data, t1.affine, box_shape, box_aff).numpy()
-            coverage = float(field_overlap(t1.shape, t1.affine, box_shape, box_aff).numpy().mean())
-            if coverage < self.min_t1_coverage:
-                raise InputError(
-                    f"T1w {t1.path}: covers only {coverage:.0%} of the spinal cord region found on T2w {t2.path}; "
-                    "the two series do not overlap (check the headers or register T1w to T2w)"
-                )
+        crop, coverage = self.stage2_input(t2w, w_aff, box, t1)
+        if coverage < self.min_t1_coverage:
+            raise InputError(
+                f"T1w {t1.path}: covers only {coverage:.0%} of the spinal cord region found on T2w {t2.path}; "
+                "the two series do not overlap (check the headers or register T1w to T2w)"
+            )
         tm["resample"] += time.perf_counter() - t0
 
         self._stage("segment")
         t0 = time.perf_counter()
-        crop = np.stack([t2w[sl], t1w])
         probs_crop = self.segment_crop(crop)
         tm["segment"] = time.perf_counter() - t0
 
@@ -223,7 +231,7 @@ class Cascade:
         # Without probability maps to keep, only T2w voxels next to a working voxel above the
         # threshold can become lesion (a trilinear value is a convex combination of its 8
         # neighbours), so the region shrinks to those voxels plus a one-voxel margin: exact too.
-        r_lo, r_hi = np.zeros(3, int), np.asarray(box_shape)
+        r_lo, r_hi = np.zeros(3, int), hi - lo
         if not self.keep_probabilities:
             above = np.argwhere((probs_crop > self.threshold).any(axis=0))
             r_lo, r_hi = (np.maximum(above.min(0) - 1, 0), np.minimum(above.max(0) + 2, r_hi)) if above.size else (r_lo, r_lo)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from imsct.cascade import Cascade, cord_box
+from imsct.cascade import Cascade
 from imsct.geometry import resample, working_grid
 from imsct.io import InputError, Volume, load_volume
 
@@ -58,12 +58,9 @@ def mc_dropout_score(cascade: Cascade, t2: Volume, t1: Volume, samples: int, box
     box (found here when ``box`` is None). Returns the score and the box."""
     w_shape, w_aff = working_grid(t2.affine, t2.shape, cascade.spacing)
     t2w = resample(t2.data, t2.affine, w_shape, w_aff).numpy()
-    if box is None:
-        box = cord_box(cascade.localise(t2w), w_shape, cascade.safety_factor, tuple(cascade.inferer.roi_size))
-        if box is None:  # no cord found: the cascade segments the whole field, so does this
-            box = (np.zeros(3, int), np.asarray(w_shape))
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(*box))
-    crop = np.stack([t2w[sl], resample(t1.data, t1.affine, w_shape, w_aff).numpy()[sl]])
+    if box is None:  # the cascade's own box (the whole field when no cord is found)
+        _, box = cascade.find_box(t2w)
+    crop, _ = cascade.stage2_input(t2w, w_aff, box, t1)
     dropouts = [m for m in cascade.segmenter.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
     if not dropouts:
         raise InputError("the stage-2 network has no dropout layer: Monte-Carlo dropout is not possible")
