@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import requests
-from servers import free_port, start_logged, stop_process
+from servers import LoggedServer, free_port, start_logged
 
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc", "/usr/lib/x86_64-linux-gnu/orthanc")
@@ -45,17 +44,9 @@ def missing_reason() -> str | None:
     return None
 
 
-class OrthancServer:
+class OrthancServer(LoggedServer):
     def __init__(self, workdir: str | os.PathLike, start_timeout: float = 60.0):
-        self.workdir = Path(workdir)
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.log_path = self.workdir / "orthanc.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(workdir, start_timeout, "orthanc.log")
 
     @property
     def dicomweb_url(self) -> str:
@@ -95,16 +86,6 @@ class OrthancServer:
             if self.proc is not None:
                 return self
         raise RuntimeError(f"Orthanc did not start (config {self.workdir / 'orthanc.json'}); its log:\n{last_log[-6000:]}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
-
-    def __enter__(self) -> "OrthancServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # convenience -----------------------------------------------------------------------------
     def upload(self, files) -> int:

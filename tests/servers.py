@@ -65,7 +65,39 @@ def start_logged(cmd: list[str], log_path: Path, health_url: str, timeout: float
     return None, text
 
 
-class MonaiLabelServer:
+class LoggedServer:
+    """A server process the tests start on a free loopback port (``start`` in the subclass), with
+    its log in ``workdir``; stopped on ``stop`` or leaving the ``with`` block."""
+
+    def __init__(self, workdir: str | os.PathLike, start_timeout: float, log_name: str):
+        self.workdir = Path(workdir)
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = self.workdir / log_name
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MonaiLabelServer(LoggedServer):
     """``apps/imsct_label/serve.py --studies STUDIES`` (monailabel start_server, the command users
     run) on a free loopback port, its log and caches in ``workdir``; ``conf`` becomes ``--conf KEY VALUE``;
     ``args`` are more serve.py options, ``env`` more environment variables, ``headers`` go with the
@@ -73,18 +105,10 @@ class MonaiLabelServer:
 
     def __init__(self, studies: str | os.PathLike, workdir: Path, conf: dict | None = None, start_timeout: float = 300.0,
                  args: list[str] | None = None, env: dict | None = None, headers: dict | None = None):
+        super().__init__(workdir, start_timeout, "monailabel.log")
         self.studies = str(studies)
-        self.workdir = Path(workdir)
         self.conf = conf or {}
-        self.start_timeout = start_timeout
         self.args, self.env, self.headers = list(args or []), dict(env or {}), headers
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.log_path = self.workdir / "monailabel.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "MonaiLabelServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -103,15 +127,3 @@ class MonaiLabelServer:
             return self
         raise RuntimeError(f"MONAI Label server did not start ({' '.join(cmd)}); its log:\n{log[-6000:]}")
 
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
-
-    def __enter__(self) -> "MonaiLabelServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
