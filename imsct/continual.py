@@ -62,9 +62,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import secrets
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -77,7 +74,7 @@ from scipy import ndimage
 
 from .cascade import Cascade, cord_box
 from .geometry import WORKING_SPACING
-from .io import InputError, load_volume
+from .io import InputError, copy_atomically, load_volume, replace_atomically
 from .labels import MIN_VOLUME_CM3
 from .metrics import box_coverage, dice
 from .networks import localiser, tumour_network
@@ -403,32 +400,6 @@ def gate_metric(summary: dict, centres: list[str], stage: int) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def replace_atomically(target: str | Path, write: Callable) -> None:
-    """Write ``target`` through a temporary file in its folder (``.<name>.<random>.tmp``, created
-    with the mode ``open`` would give), flushed to disk, then ``os.replace``: a reader, or a crash
-    at any instant, finds the old file or the new one, never a partial one. ``write(fh)`` fills the
-    binary file object ``fh``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def copy_atomically(source: str | Path, target: str | Path) -> None:
-    """Copy ``source`` over ``target`` by :func:`replace_atomically`."""
-    with open(source, "rb") as src:
-        replace_atomically(target, lambda out: shutil.copyfileobj(src, out))
-
-
 def publish(candidate: Path, target: Path) -> None:
     """Publish gated weights: ``candidate`` copied over the served ``target`` atomically."""
     copy_atomically(candidate, target)
@@ -563,5 +534,5 @@ def train_stats(state_dir: str | Path, stage: int | None = None) -> dict:
 
 
 __all__ = ["LabelledCase", "RoundResult", "retrain_round", "update_split", "load_split", "init_state", "prepare_labelled", "stage1_target",
-           "fisher_information", "ewc_penalty", "train_candidate", "evaluate_case", "publish", "copy_atomically", "replace_atomically",
+           "fisher_information", "ewc_penalty", "train_candidate", "evaluate_case", "publish",
            "train_stats", "DILATE_MM"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import secrets
+import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -87,6 +89,32 @@ def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
     if (sizes > MAX_VOXEL_MM).any() or (sizes < 0.01).any():
         raise InputError(f"{where}: absurd voxel size {np.round(sizes, 4).tolist()} mm")
     return Volume(data=data, affine=affine, path=str(p))
+
+
+def replace_atomically(target: str | Path, write: Callable) -> None:
+    """Write ``target`` through a temporary file in its folder (``.<name>.<random>.tmp``, created
+    with the mode ``open`` would give), flushed to disk, then ``os.replace``: a reader, or a crash
+    at any instant, finds the old file or the new one, never a partial one. ``write(fh)`` fills the
+    binary file object ``fh``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_atomically(source: str | Path, target: str | Path) -> None:
+    """Copy ``source`` over ``target`` by :func:`replace_atomically`."""
+    with open(source, "rb") as src:
+        replace_atomically(target, lambda out: shutil.copyfileobj(src, out))
 
 
 def write_all_or_nothing(items: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[Path]:

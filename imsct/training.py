@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +17,7 @@ import torch
 from .bids import Case, find_cases
 from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
 from .geometry import WORKING_SPACING, crop_or_pad, resample, to_working, working_grid
-from .io import Volume, load_volume
+from .io import Volume, load_volume, replace_atomically
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -55,11 +53,7 @@ def write_working_arrays(out: str | Path, t2: Volume, t1: Volume, label: np.ndar
         cord_w = to_working(np.asarray(cord).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
     arrays = {"t2": t2w, "t1": resample(t1.data, t1.affine, w_shape, w_aff).numpy().astype(np.float32),
               "label": label_w, "cord": cord_w, "affine": w_aff}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=out.parent)  # unique: ranks may race
-    os.close(fd)
-    np.savez(tmp, **arrays)  # uncompressed: read at every step
-    os.replace(tmp, out)
+    replace_atomically(out, lambda fh: np.savez(fh, **arrays))  # uncompressed: read at every step; ranks may race
     return out
 
 

@@ -18,7 +18,7 @@ with values 0..3 (tumor 1, edema 2, cavity 3) for ``final`` / ``original`` or 0/
 
 Crash safety (MONAI Label 0.8.5's ``LocalDatastore`` truncates and rewrites its files in place): a
 label file and the datastore JSON (``datastore_v2.json``) are written through a temporary file and
-renamed over the old one (:func:`imsct.continual.replace_atomically`), so a reader, or a server or
+renamed over the old one (:func:`imsct.io.replace_atomically`), so a reader, or a server or
 trainer killed at any instant, finds the old or the new file, never a partial one. Every
 read-modify-write of the listing holds the datastore's file lock, so a listing reloaded from disk
 meanwhile (another process wrote it) does not swallow the change. A datastore JSON that does not
@@ -42,7 +42,7 @@ from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
-from imsct.continual import copy_atomically, replace_atomically
+from imsct.io import copy_atomically, replace_atomically
 from imsct.io import InputError, load_volume
 from imsct.labels import LABELS
 
