@@ -256,6 +256,46 @@ class AutocastInferer:
         return out.float()
 
 
+def drop_nonfinite_gradients(params) -> bool:
+    """If any gradient holds NaN or inf, set every gradient to None (the optimiser's next step then
+    leaves weights and moments untouched) and return True. One non-finite step would otherwise put
+    NaN into Adam's moments and from there into every weight. Under distributed training the
+    gradients are already averaged, so all ranks decide alike."""
+    params = [p for p in params if p.grad is not None]
+    if not params or bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()):
+        return False
+    for p in params:
+        p.grad = None
+    return True
+
+
+class SkipNonFiniteSteps:
+    """Trainer handler: after the backward pass, skip the optimiser step when a gradient is not
+    finite, with a warning. Seen with bfloat16 autocast on CPU: on 32^3 patches the weight gradient of
+    the bottom-level convolutions (2x2x2 feature maps) came back with NaN entries in 5 of 30 backward
+    passes (never in float32, never on 96x96x32 patches). ``max_consecutive`` skipped steps in a row
+    stop training with an error: that is divergence, not an occasional rounding accident."""
+
+    def __init__(self, max_consecutive: int = 20):
+        self.max_consecutive, self.skipped, self.consecutive = int(max_consecutive), 0, 0
+
+    def attach(self, engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if not drop_nonfinite_gradients(engine.network.parameters()):
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        self.consecutive += 1
+        log.warning("iteration %d: non-finite gradient, optimiser step skipped (%d so far)", engine.state.iteration, self.skipped)
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(f"gradients were non-finite on {self.consecutive} consecutive iterations: lower the "
+                               "learning rate, or train in float32 (--amp false)")
+
+
 def latest_checkpoint(directory: str | Path, pattern: str = "checkpoint*.pt") -> str | None:
     """Newest resume checkpoint in ``directory`` (None if there is none)."""
     files = sorted(Path(directory).glob(pattern), key=lambda p: p.stat().st_mtime)
