@@ -31,7 +31,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .io import InputError, Volume, load_volume
+from .io import InputError, Volume, load_volume, replace_atomically
 from .labels import COLOURS, LABELS
 
 T2W_DESCRIPTION = "T2w"
@@ -435,10 +435,7 @@ def write_seg(labelmap: Volume | str | os.PathLike, source, out_path: str | os.P
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     dcm = writer.write(seg_img, sources)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    dcm.save_as(tmp)
-    os.replace(tmp, out)
+    replace_atomically(out, dcm.save_as)
     return out
 
 

@@ -6,10 +6,10 @@ JSON. Used by ``bundle/configs/evaluate.json`` and the scripts.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 from .bids import Case, find_cases
 from .cascade import Cascade
 from .geometry import to_working
-from .io import InputError, load_volume
+from .io import InputError, load_volume, write_text_atomically
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 from .metrics import box_counts, case_metrics, dice
 from .runner import write_outputs
@@ -95,17 +95,13 @@ def write_report(rows: list[dict], summary: dict, output_dir: str | Path, errors
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out / "metrics.csv", out / "summary.json"
     keys = list(rows[0]) if rows else ["case"]
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, csv_path)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomically(csv_path, table.getvalue())
     doc = {"summary": summary, "errors": errors or {}}
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=lambda o: None))
-    os.replace(tmp, json_path)
+    write_text_atomically(json_path, json.dumps(doc, indent=1, default=lambda o: None))
     return csv_path, json_path
 
 

@@ -3,20 +3,19 @@ for the cascade (``Cascade(localiser=load_exported(...), segmenter=load_exported
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .io import replace_atomically
 
 
 def export_torchscript(net: torch.nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scripted = torch.jit.script(net.eval())
-    tmp = path.with_suffix(".tmp")
-    torch.jit.save(scripted, str(tmp))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda out: torch.jit.save(scripted, out))
     return path
 
 
@@ -26,10 +25,8 @@ def export_onnx(net: torch.nn.Module, path: str | Path, in_channels: int, exampl
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.randn(1, in_channels, *example_shape)
     axes = {0: "batch", 2: "si", 3: "ap", 4: "rl"}
-    tmp = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(net.eval(), (x,), str(tmp), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": axes, "logits": axes}, opset_version=opset, dynamo=False)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda out: torch.onnx.export(net.eval(), (x,), out, input_names=["image"], output_names=["logits"],
+                                                           dynamic_axes={"image": axes, "logits": axes}, opset_version=opset, dynamo=False))
     return path
 
 

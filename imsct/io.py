@@ -111,6 +111,11 @@ def replace_atomically(target: str | Path, write: Callable) -> None:
         raise
 
 
+def write_text_atomically(target: str | Path, text: str) -> None:
+    """``text`` (UTF-8) into ``target`` by :func:`replace_atomically`."""
+    replace_atomically(target, lambda out: out.write(text.encode("utf-8")))
+
+
 def copy_atomically(source: str | Path, target: str | Path) -> None:
     """Copy ``source`` over ``target`` by :func:`replace_atomically`."""
     with open(source, "rb") as src:

@@ -30,10 +30,8 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,7 +41,7 @@ from typing import Callable, Iterable
 import nibabel as nib
 import numpy as np
 
-from .io import InputError, Volume, load_volume, strip_nifti_ext
+from .io import InputError, Volume, load_volume, replace_atomically, strip_nifti_ext, write_text_atomically
 from .labels import COLOURS, LABELS, SEG_SUFFIXES
 
 GENERATOR = "imsct qc"
@@ -213,27 +211,10 @@ def render_mosaic(image: np.ndarray, labelmap: np.ndarray, affine: np.ndarray, v
     return Mosaic(overlay=out[0], plain=out[1], tiles=tiles)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give: temporary files are created 0600
-
-
 def _save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=6)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda out: Image.fromarray(array).save(out, format="PNG", compress_level=6))
 
 
 def _seg_files(seg) -> list[Path]:
@@ -592,8 +573,8 @@ def build_report(
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     manifest = {"generator": GENERATOR, "report_id": report_id, "title": title, "generated": generated,
                 "subjects": records, "errors": errors}
-    _write_text(out / "report.json", json.dumps(manifest, indent=1, default=_json_default))
-    _write_text(out / "index.html", page_html(title, report_id, entries, generated))
+    write_text_atomically(out / "report.json", json.dumps(manifest, indent=1, default=_json_default))
+    write_text_atomically(out / "index.html", page_html(title, report_id, entries, generated))
     return manifest
 
 
@@ -607,16 +588,6 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["Subject", "build_report", "render_mosaic", "subjects_from_dataset", "subjects_from_lists", "ALPHA"]

@@ -141,11 +141,8 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, prob: f
 
 def save_weights(net: torch.nn.Module, path: str | Path) -> None:
     """Save a state dict in float16 (half the size; loaded back as float32), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}, tmp)
-    tmp.replace(path)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    replace_atomically(path, lambda out: torch.save(state, out))
 
 
 def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:

@@ -21,6 +21,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.first import First
 from monailabel.utils.others.generic import file_checksum
 
+from imsct.io import write_text_atomically
 from imsct.labels import COLOURS, LABELS
 
 from lib.activelearning import MCDropoutUncertainty, RandomStrategy
@@ -129,9 +130,7 @@ class IMSCTApp(MONAILabelApp):
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = json.loads(path.read_text()) if path.exists() else {"counted": {}, "pending": []}
             yield state
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=1))
-            os.replace(tmp, path)
+            write_text_atomically(path, json.dumps(state, indent=1))
 
     def _label_state(self) -> dict:
         path = self.cfg.state_dir / "app_labels.json"

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import threading
 from pathlib import Path
 
 from imsct.cascade import Cascade
+from imsct.io import copy_atomically
 from imsct.runner import build_cascade
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,7 @@ def seed_models(models_dir: Path, shipped_dir: Path) -> None:
     for name in (*WEIGHT_FILES, "provenance.json"):
         dst, src = models_dir / name, shipped_dir / name
         if not dst.exists() and src.exists():
-            tmp = dst.with_name(f".{name}.seed")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
+            copy_atomically(src, dst)
             log.info("seeded %s from %s", dst, src)
 
 
