@@ -44,6 +44,15 @@ def parse_log(text: str) -> dict:
             "epochs_done": max(epochs, default=0)}
 
 
+def log_span_s(log: str) -> float | None:
+    """Seconds from the first to the last time stamp of a bundle log (a stage's training wall time)."""
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) - ", log, re.M)
+    if len(stamps) < 2:
+        return None
+    t = [dt.datetime.strptime(v, "%Y-%m-%d %H:%M:%S,%f") for v in (stamps[0], stamps[-1])]
+    return round((t[1] - t[0]).total_seconds(), 1)
+
+
 def seconds_per_iteration(log: str) -> float:
     stamps = [dt.datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t in re.findall(r"^(\S+ \S+) - INFO - Epoch: \d+/\d+, Iter:", log, re.M)]
     if len(stamps) < 2:

@@ -7,12 +7,18 @@ For each split, the labelled cases are shuffled with seed ``seed + split``, ``--
 them held out, both stages trained on the rest through the bundle's train.json (datalist mode), and
 the cascade evaluated on the held-out part. Writes ``results.json`` and prints a table of
 mean +- std over splits for every metric and class.
+
+At the shipped recipe a split takes over an hour on a 2-core CPU, so the work can be spread:
+``--splits 1`` runs only split 1 (several processes can share ``--out``, and each one's table covers
+every split finished so far), and a finished split, or a finished stage of an unfinished split, is
+read back instead of trained again when its settings are unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bundle_train import parse_log, seconds_per_iteration, start_bundle_training  # noqa: E402
+from bundle_train import log_span_s, parse_log, seconds_per_iteration, start_bundle_training  # noqa: E402
+from imsct.io import write_text_atomically  # noqa: E402
 
 CLASSES = ("tumor", "edema", "cavity", "whole-tumor")
 METRICS = ("dice", "tpr_detection", "fpr_detection", "precision", "recall", "avd", "rvd")
@@ -49,7 +56,32 @@ def markdown_table(table: dict) -> str:
     return "\n".join(rows)
 
 
-def report(splits: list, args, command: str, wall: float) -> None:
+def finished_stage(sdir: Path, stage: int, plan: dict) -> bool:
+    """Whether ``sdir/stage<N>`` holds a finished training run of ``plan``, so that a rerun evaluates
+    instead of training again: its ``plan.json`` (written when training ends) equals ``plan``, or,
+    for a run without one, its log shows ``epochs`` complete epochs of ``samples // batch`` iterations."""
+    log, done = sdir / f"stage{stage}.log", sdir / f"stage{stage}" / "plan.json"
+    if not (sdir / f"stage{stage}" / "best.pt").exists() or not log.exists():
+        return False
+    if done.exists():
+        return json.loads(done.read_text()) == plan
+    epochs, iterations = plan["epochs"], plan["samples"] // plan["batch"]
+    text = log.read_text()
+    runs = set(re.findall(r"Epoch: \d+/(\d+), Iter: \d+/(\d+) -- train_loss", text))
+    return runs == {(str(epochs), str(iterations))} and f"Epoch[{epochs}] Complete" in text
+
+
+def finished_splits(out: Path, k: int, recipe: dict) -> list[dict]:
+    """Summaries of the splits finished with ``recipe`` (by this run or by others on other splits)."""
+    done = []
+    for split in range(k):
+        f = out / f"split{split}" / "summary.json"
+        if f.exists() and (s := json.loads(f.read_text())).get("recipe") == recipe:
+            done.append(s)
+    return done
+
+
+def report(splits: list, args, command: str) -> None:
     """Table over the splits done so far; results.json (and the markdown doc) rewritten after each split."""
     out = Path(args.out)
     table: dict = {}
@@ -60,13 +92,18 @@ def report(splits: list, args, command: str, wall: float) -> None:
     for key in ("stage1_dice_mean", "lesion_voxels_in_box", "subjects_lesions_fully_in_box"):
         vals = [s[key] for s in splits if s.get(key) is not None]
         table[key] = {"mean": float(np.mean(vals)) if vals else None, "std": float(np.std(vals)) if vals else None, "splits": len(vals)}
-    (out / "results.json").write_text(json.dumps({"command": command, "settings": vars(args), "wall_s": wall, "table": table,
-                                                  "splits": splits}, indent=1))
+    write_text_atomically(out / "results.json", json.dumps({"command": command, "settings": vars(args), "table": table,
+                                                            "splits": splits}, indent=1))
     md = markdown_table(table)
     print(md)
-    print(f"wall time {wall / 60:.1f} min")
+    minutes = {key: np.mean([s[key]["wall_s"] if isinstance(s[key], dict) else s[key] for s in splits]) / 60
+               for key in ("stage1_training", "stage2_training", "evaluation_wall_s")}
+    times = (f"Per split (mean): stage 1 trained in {minutes['stage1_training']:.0f} min, stage 2 in {minutes['stage2_training']:.0f} min "
+             f"(one CPU thread each, two trainings at a time on a 2-core CPU), {len(splits[0]['cases']['test'])} test cases evaluated in "
+             f"{minutes['evaluation_wall_s']:.1f} min.")
+    print(times)
     if args.doc:
-        Path(args.doc).write_text(f"# {len(splits)} of {args.k} random splits (phantoms)\n\nCommand: `{command}`\n\nWall time {wall / 60:.1f} min.\n\n{md}\n")
+        write_text_atomically(args.doc, f"# {len(splits)} of {args.k} random splits (phantoms)\n\nCommand: `{command}`\n\n{times}\n\n{md}\n")
 
 
 def main(argv=None) -> int:
@@ -90,9 +127,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sequential", action="store_true", help="train stage 1, then stage 2 (default: both at once)")
     ap.add_argument("--out", default="work/ksplit")
     ap.add_argument("--doc", default=None, help="write the table (markdown) here")
+    ap.add_argument("--splits", default=None, help="comma-separated split indices to run (default: all k); several "
+                    "processes can share --out, each on its own splits, and each report covers every finished split")
     args = ap.parse_args(argv)
-    t_start = time.time()
-    command = "python scripts/ksplit.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "--splits" in argv:  # the table's command is the one that reproduces all splits
+        i = argv.index("--splits")
+        del argv[i:i + 2]
+    command = "python scripts/ksplit.py " + " ".join(argv)
+    todo = range(args.k) if args.splits is None else [int(v) for v in args.splits.split(",")]
 
     from imsct.bids import find_cases
     from imsct.cascade import Cascade
@@ -107,10 +150,9 @@ def main(argv=None) -> int:
     if not (data / "participants.tsv").exists():
         generate_dataset(data, args.cases, args.seed, progress=True)
     cases = [c for c in find_cases(data) if c.labels]
-    splits = []
     recipe = {k: getattr(args, k) for k in ("data", "cases", "seed", "k", "test_fraction", "val_fraction", "epochs1", "epochs2", "samples1",
                                              "samples2", "patch1", "patch2", "batch1", "batch2", "val_interval")}
-    for split in range(args.k):
+    for split in todo:
         order = np.random.default_rng(args.seed + split).permutation(len(cases))
         n_test = max(1, int(round(args.test_fraction * len(cases))))
         n_val = max(1, int(round(args.val_fraction * len(cases))))
@@ -125,18 +167,21 @@ def main(argv=None) -> int:
         if done_file.exists():
             done = json.loads(done_file.read_text())
             if done.get("recipe") == recipe:
-                splits.append(done)
                 print(f"split {split}: done earlier ({done_file}), read back", flush=True)
-                report(splits, args, command, round(time.time() - t_start, 1))
                 continue
             print(f"split {split}: {done_file} has other settings; training again", flush=True)
         datalist = sdir / "datalist.json"
-        datalist.write_text(json.dumps({"training": [datalist_entry(c) for c in train], "validation": [datalist_entry(c) for c in val]}, indent=1))
+        write_text_atomically(datalist, json.dumps({"training": [datalist_entry(c) for c in train], "validation": [datalist_entry(c) for c in val]}, indent=1))
         plans = ((1, args.epochs1, args.samples1, args.patch1, args.batch1), (2, args.epochs2, args.samples2, args.patch2, args.batch2))
-        timing = {}
+
+        def plan_of(stage, epochs, samples, patch, batch):
+            return {"epochs": epochs, "samples": samples, "patch": patch, "batch": batch, "seed": args.seed + split,
+                    "val_interval": args.val_interval, "datalist": json.loads(datalist.read_text())}
 
         def start(stage, epochs, samples, patch, batch):
-            timing[stage] = time.time()
+            if finished_stage(sdir, stage, plan_of(stage, epochs, samples, patch, batch)):
+                print(f"split {split}: stage {stage} finished earlier ({sdir}/stage{stage}.log), not trained again", flush=True)
+                return stage, None
             proc, _ = start_bundle_training(
                 sdir / f"stage{stage}.log", args.threads, datalist=datalist, output_dir=sdir / f"stage{stage}",
                 cache_dir=out / "cache", stage=stage, epochs=epochs, samples_per_epoch=samples, patch_size=patch,
@@ -145,8 +190,9 @@ def main(argv=None) -> int:
             return stage, proc
 
         def finish(stage, proc):
-            rc = proc.wait()
-            timing[stage] = round(time.time() - timing[stage], 1)
+            rc = 0 if proc is None else proc.wait()
+            if proc is not None and rc == 0:
+                write_text_atomically(sdir / f"stage{stage}" / "plan.json", json.dumps(plan_of(*plans[stage - 1]), indent=1))
             return rc
 
         if args.sequential:
@@ -164,15 +210,16 @@ def main(argv=None) -> int:
         write_report(rows, summary, sdir / "eval")
         for stage in (1, 2):
             log = (sdir / f"stage{stage}.log").read_text()
-            summary[f"stage{stage}_training"] = {"wall_s": timing[stage], "seconds_per_iteration": seconds_per_iteration(log),
+            summary[f"stage{stage}_training"] = {"wall_s": log_span_s(log), "seconds_per_iteration": seconds_per_iteration(log),
                                                  "val_mean_dice": parse_log(log)["val_mean_dice"]}
         summary["evaluation_wall_s"] = round(time.time() - t_eval, 1)
         summary["cases"] = {"train": [c.name for c in train], "validation": [c.name for c in val], "test": [c.name for c in test]}
         summary["recipe"] = recipe
-        done_file.write_text(json.dumps(summary, indent=1, default=float))
-        splits.append(summary)
+        write_text_atomically(done_file, json.dumps(summary, indent=1, default=float))
         print(f"split {split}: whole tumour Dice {summary['whole-tumor_dice_mean']}", flush=True)
-        report(splits, args, command, round(time.time() - t_start, 1))
+    splits = finished_splits(out, args.k, recipe)
+    if splits:
+        report(splits, args, command)
 
     return 0
 
