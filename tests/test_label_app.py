@@ -219,6 +219,10 @@ def test_localiser_alone_gives_cord_region(server, cases):
     assert cord.shape == nib.load(cases["sub-002"]["t2"]).shape
     assert set(np.unique(cord).tolist()) <= {0, 1} and cord.any()
     assert params["label_names"] == {"cord": 1}
+    # the box it keeps for the uncertainty strategy is the one the cascade crops
+    kept = server["client"].datastore()["objects"]["sub-002"]["image"]["info"]["imsct_stage1_box"]
+    _, cascade_params = server["client"].infer("cascade", "sub-002", {})
+    assert {"lo": kept["lo"], "hi": kept["hi"]} == cascade_params["stage1_box"]
 
 
 def test_next_sample_by_each_strategy(server):

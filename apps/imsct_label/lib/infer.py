@@ -19,7 +19,6 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from imsct.cascade import cord_box
 from imsct.geometry import resample, to_working, working_grid
 from imsct.io import InputError, Volume, load_volume, save_volume, voxel_volume_mm3
 from imsct.labels import COLOURS, LABELS
@@ -153,9 +152,8 @@ class LocaliserInfer(_IMSCTInfer):
 
     def run(self, cascade, image_id, t2, t1):
         w_shape, w_aff = working_grid(t2.affine, t2.shape, cascade.spacing)
-        cord_w = cascade.localise(resample(t2.data, t2.affine, w_shape, w_aff).numpy())
+        cord_w, box = cascade.find_box(resample(t2.data, t2.affine, w_shape, w_aff).numpy())  # the box the cascade would crop
         cord = to_working(cord_w, w_aff, t2.shape, t2.affine, label=True)
-        box = cord_box(cord_w, w_shape, cascade.safety_factor, tuple(cascade.inferer.roi_size))
         remember_box(self.datastore(), image_id, box, self.store.version()["localiser.pt"]["sha256"])
         return (cord > 0).astype(np.uint8), {"cord_found": bool(cord_w.any())}
 
