@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     if not (data / "participants.tsv").exists():
         generate_dataset(data, args.cases, args.seed, progress=True)
     cases = [c for c in find_cases(data) if c.labels]
-    recipe = {k: getattr(args, k) for k in ("data", "cases", "seed", "k", "test_fraction", "val_fraction", "epochs1", "epochs2", "samples1",
+    # what makes a split's result: not k (split i is the same in a k=2 and a k=3 run)
+    recipe = {k: getattr(args, k) for k in ("data", "cases", "seed", "test_fraction", "val_fraction", "epochs1", "epochs2", "samples1",
                                              "samples2", "patch1", "patch2", "batch1", "batch2", "val_interval")}
     for split in todo:
         order = np.random.default_rng(args.seed + split).permutation(len(cases))
