@@ -6,7 +6,6 @@ import gzip
 import os
 import secrets
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,17 +90,36 @@ def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
     return Volume(data=data, affine=affine, path=str(p))
 
 
+def _new_temp_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create an empty ``folder/<prefix><random><suffix>`` that did not exist, with the mode ``open``
+    would give (``tempfile.mkstemp`` makes 0600 files, and the rename into place keeps the mode)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_atomically(target: str | Path, write: Callable) -> None:
     """Write ``target`` through a temporary file in its folder (``.<name>.<random>.tmp``, created
     with the mode ``open`` would give), flushed to disk, then ``os.replace``: a reader, or a crash
     at any instant, finds the old file or the new one, never a partial one. ``write(fh)`` fills the
     binary file object ``fh``."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = _new_temp_file(target.parent, f".{target.name}.", ".tmp")
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             write(out)
             out.flush()
             os.fsync(out.fileno())
@@ -124,7 +142,8 @@ def copy_atomically(source: str | Path, target: str | Path) -> None:
 
 def write_all_or_nothing(items: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[Path]:
     """Write several files all-or-nothing: ``write(tmp)`` fills a temporary file in each
-    destination's folder; only when every one was written are they renamed into place. A
+    destination's folder (mode as ``open`` gives, flushed to disk); only when every one was
+    written are they renamed into place. A
     destination that is a folder fails before anything is renamed; should a rename still fail, the
     files this call created are removed again."""
     staged: list[tuple[str, Path]] = []
@@ -134,12 +153,11 @@ def write_all_or_nothing(items: list[tuple[str | os.PathLike, Callable[[str], No
             p = Path(path)
             if p.is_dir():
                 raise IsADirectoryError(f"{p}: is a folder; cannot write a file there")
-            p.parent.mkdir(parents=True, exist_ok=True)
-            suffix = ".nii.gz" if p.name.endswith(".nii.gz") else p.suffix
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
-            os.close(fd)
+            suffix = ".nii.gz" if p.name.endswith(".nii.gz") else p.suffix  # writers pick the format from it
+            tmp = str(_new_temp_file(p.parent, ".tmp-", suffix))
             staged.append((tmp, p))
             write(tmp)
+            _fsync(tmp)
         for tmp, p in staged:
             new = not p.exists()
             os.replace(tmp, p)
