@@ -79,7 +79,7 @@ from .labels import MIN_VOLUME_CM3
 from .metrics import box_coverage, dice
 from .networks import localiser, tumour_network
 from .postprocess import labelmap_from_probabilities, postprocess_labelmap, split_masks
-from .training import PatchDataset, drop_nonfinite_gradients, load_weights, save_weights, stage2_region, write_working_arrays
+from .training import PatchDataset, drop_gradients, gradients_finite, load_weights, save_weights, stage2_region, write_working_arrays
 
 DILATE_MM = 10.0
 MODEL_FILES = {1: "localiser.pt", 2: "model.pt"}
@@ -317,20 +317,28 @@ def train_candidate(net: torch.nn.Module, fresh: list[Path], replay_files: list[
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
     net.train()
     hist = {"loss": [], "ewc": []}
-    skipped = 0
+    retried = skipped = 0
     t0 = time.perf_counter()
     for it in range(iterations):
         items = [fresh_ds[0] for _ in range(batch_size - n_rep)] + [rep_ds[0] for _ in range(n_rep)]
         x = torch.stack([i["image"] for i in items])
         y = torch.stack([i["label"] for i in items])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits = net(x)
-        loss = loss_fn(logits.float(), y)
-        pen = ewc_penalty(net, *ewc) if ewc is not None and ewc_lambda > 0 else torch.zeros(())
-        total = loss + 0.5 * ewc_lambda * pen
-        opt.zero_grad()
-        total.backward()
-        if drop_nonfinite_gradients(net.parameters()):
+
+        def forward_backward(low_precision: bool):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+                logits = net(x)
+            loss = loss_fn(logits.float(), y)
+            pen = ewc_penalty(net, *ewc) if ewc is not None and ewc_lambda > 0 else torch.zeros(())
+            opt.zero_grad()
+            (loss + 0.5 * ewc_lambda * pen).backward()
+            return loss, pen
+
+        loss, pen = forward_backward(amp)
+        if amp and not gradients_finite(net.parameters()):  # see training.NonFiniteGradientGuard
+            loss, pen = forward_backward(False)
+            retried += 1
+        if not gradients_finite(net.parameters()):
+            drop_gradients(net.parameters())
             skipped += 1
             log(f"  iteration {it + 1}/{iterations}: non-finite gradient, step skipped")
         opt.step()
@@ -342,7 +350,7 @@ def train_candidate(net: torch.nn.Module, fresh: list[Path], replay_files: list[
                 f"EWC penalty {hist['ewc'][-1]:.3g} ({time.perf_counter() - t0:.0f} s)")
     net.eval()
     return {"iterations": iterations, "replay_per_batch": n_rep, "final_loss": float(np.mean(hist["loss"][-10:])) if hist["loss"] else None,
-            "final_ewc_penalty": hist["ewc"][-1] if hist["ewc"] else None, "skipped_steps": skipped, "train_seconds": round(time.perf_counter() - t0, 1)}
+            "final_ewc_penalty": hist["ewc"][-1] if hist["ewc"] else None, "steps_redone_in_float32": retried, "skipped_steps": skipped, "train_seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ---- evaluation and gate ----------------------------------------------------------------------------
