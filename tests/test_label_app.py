@@ -338,3 +338,28 @@ def test_corrupt_weight_file_is_refused_and_the_previous_model_keeps_serving(tmp
     (models / "localiser.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match=str(models)):
         fresh.cascade()
+
+
+def test_result_file_survives_the_servers_clean_up_when_the_client_runs_on_the_same_machine(monkeypatch):
+    """MONAI Label sends a result under its base name and then removes it; its Python client saves
+    the bytes as <client tmpdir>/<name>, by default the system temp folder. The copy a client on the
+    server's machine saved must not be the file the server removes."""
+    import tempfile
+
+    from monailabel.client.client import MONAILabelUtils
+    from monailabel.utils.others.generic import remove_file
+
+    monkeypatch.syspath_prepend(str(APP))
+    from lib.infer import write_label
+
+    lab = np.zeros((6, 6, 4), np.uint8)
+    lab[2:4, 2:4, 1:3] = 1
+    served = write_label(lab, np.diag([0.5, 0.5, 3.0, 1.0]))
+    data = Path(served).read_bytes()
+    copy = MONAILabelUtils.save_result({Path(served).name: data}, tempfile.gettempdir())  # what client.infer does
+    try:
+        remove_file(served)  # the server's background clean-up after the response
+        assert not Path(served).exists()
+        assert np.array_equal(np.asarray(load_volume(copy, "client copy").data), lab)
+    finally:
+        Path(copy).unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -53,9 +54,25 @@ def load_case(datastore, request: dict) -> tuple[str | None, Volume, Volume]:
         raise bad_input(str(exc)) from None
 
 
+_results = {"dir": None}
+_results_lock = threading.Lock()
+
+
+def _results_dir() -> str:
+    """This server's own folder for results. MONAI Label sends a result under its base name and
+    removes the file after the response; its Python client saves what it receives as
+    ``<client tmpdir>/<that name>``, by default the system temp folder. A result written straight
+    into that folder had the very path the client writes to, and the server's clean-up removed the
+    client's copy now and then."""
+    with _results_lock:
+        if _results["dir"] is None or not os.path.isdir(_results["dir"]):
+            _results["dir"] = tempfile.mkdtemp(prefix="imsct-label-results-")
+        return _results["dir"]
+
+
 def write_label(labelmap: np.ndarray, affine: np.ndarray) -> str:
     """The label map as a temporary NIfTI file (MONAI Label moves or deletes it)."""
-    fd, path = tempfile.mkstemp(prefix="imsct-", suffix=".nii.gz")
+    fd, path = tempfile.mkstemp(prefix="imsct-", suffix=".nii.gz", dir=_results_dir())
     os.close(fd)
     save_volume(labelmap.astype(np.uint8), affine, path)
     return path
