@@ -318,27 +318,30 @@ def train_candidate(net: torch.nn.Module, fresh: list[Path], replay_files: list[
     net.train()
     hist = {"loss": [], "ewc": []}
     retried = skipped = 0
+    params = list(net.parameters())
+
+    def forward_backward(x, y, low_precision: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+            logits = net(x)
+        loss = loss_fn(logits.float(), y)
+        pen = ewc_penalty(net, *ewc) if ewc is not None and ewc_lambda > 0 else torch.zeros(())
+        opt.zero_grad()
+        (loss + 0.5 * ewc_lambda * pen).backward()
+        return loss, pen
+
     t0 = time.perf_counter()
     for it in range(iterations):
         items = [fresh_ds[0] for _ in range(batch_size - n_rep)] + [rep_ds[0] for _ in range(n_rep)]
         x = torch.stack([i["image"] for i in items])
         y = torch.stack([i["label"] for i in items])
-
-        def forward_backward(low_precision: bool):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            pen = ewc_penalty(net, *ewc) if ewc is not None and ewc_lambda > 0 else torch.zeros(())
-            opt.zero_grad()
-            (loss + 0.5 * ewc_lambda * pen).backward()
-            return loss, pen
-
-        loss, pen = forward_backward(amp)
-        if amp and not gradients_finite(net.parameters()):  # see training.NonFiniteGradientGuard
-            loss, pen = forward_backward(False)
+        loss, pen = forward_backward(x, y, amp)
+        finite = gradients_finite(params)
+        if amp and not finite:  # see training.NonFiniteGradientGuard
+            loss, pen = forward_backward(x, y, False)
             retried += 1
-        if not gradients_finite(net.parameters()):
-            drop_gradients(net.parameters())
+            finite = gradients_finite(params)
+        if not finite:
+            drop_gradients(params)
             skipped += 1
             log(f"  iteration {it + 1}/{iterations}: non-finite gradient, step skipped")
         opt.step()

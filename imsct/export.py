@@ -13,7 +13,6 @@ from .io import replace_atomically
 
 def export_torchscript(net: torch.nn.Module, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     scripted = torch.jit.script(net.eval())
     replace_atomically(path, lambda out: torch.jit.save(scripted, out))
     return path
@@ -22,7 +21,6 @@ def export_torchscript(net: torch.nn.Module, path: str | Path) -> Path:
 def export_onnx(net: torch.nn.Module, path: str | Path, in_channels: int, example_shape=(64, 64, 32), opset: int = 17) -> Path:
     """ONNX graph with dynamic batch and spatial axes (each a multiple of 16)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.randn(1, in_channels, *example_shape)
     axes = {0: "batch", 2: "si", 3: "ap", 4: "rl"}
     replace_atomically(path, lambda out: torch.onnx.export(net.eval(), (x,), out, input_names=["image"], output_names=["logits"],

@@ -71,14 +71,15 @@ def finished_stage(sdir: Path, stage: int, plan: dict) -> bool:
     return runs == {(str(epochs), str(iterations))} and f"Epoch[{epochs}] Complete" in text
 
 
+def finished_split(sdir: Path, recipe: dict) -> dict | None:
+    """The summary of the split in ``sdir`` if it was finished with ``recipe``."""
+    f = sdir / "summary.json"
+    return s if f.exists() and (s := json.loads(f.read_text())).get("recipe") == recipe else None
+
+
 def finished_splits(out: Path, k: int, recipe: dict) -> list[dict]:
     """Summaries of the splits finished with ``recipe`` (by this run or by others on other splits)."""
-    done = []
-    for split in range(k):
-        f = out / f"split{split}" / "summary.json"
-        if f.exists() and (s := json.loads(f.read_text())).get("recipe") == recipe:
-            done.append(s)
-    return done
+    return [s for split in range(k) if (s := finished_split(out / f"split{split}", recipe)) is not None]
 
 
 def report(splits: list, args, command: str) -> None:
@@ -98,8 +99,8 @@ def report(splits: list, args, command: str) -> None:
     print(md)
     minutes = {key: np.mean([s[key]["wall_s"] if isinstance(s[key], dict) else s[key] for s in splits]) / 60
                for key in ("stage1_training", "stage2_training", "evaluation_wall_s")}
-    times = (f"Per split (mean): stage 1 trained in {minutes['stage1_training']:.0f} min, stage 2 in {minutes['stage2_training']:.0f} min "
-             f"(one CPU thread each, two trainings at a time on a 2-core CPU), {len(splits[0]['cases']['test'])} test cases evaluated in "
+    times = (f"Per split (mean): stage 1 trained in {minutes['stage1_training']:.0f} min, stage 2 in {minutes['stage2_training']:.0f} min, "
+             f"{len(splits[0]['cases']['test'])} test cases evaluated in "
              f"{minutes['evaluation_wall_s']:.1f} min.")
     print(times)
     if args.doc:
@@ -165,11 +166,10 @@ def main(argv=None) -> int:
         # A split finished by an earlier run with the same training settings is read back, so a long
         # k-split (the shipped recipe: ~75 min per split on a 2-core CPU) can be run a few splits at a time.
         done_file = sdir / "summary.json"
+        if finished_split(sdir, recipe) is not None:
+            print(f"split {split}: done earlier ({done_file}), read back", flush=True)
+            continue
         if done_file.exists():
-            done = json.loads(done_file.read_text())
-            if done.get("recipe") == recipe:
-                print(f"split {split}: done earlier ({done_file}), read back", flush=True)
-                continue
             print(f"split {split}: {done_file} has other settings; training again", flush=True)
         datalist = sdir / "datalist.json"
         write_text_atomically(datalist, json.dumps({"training": [datalist_entry(c) for c in train], "validation": [datalist_entry(c) for c in val]}, indent=1))
