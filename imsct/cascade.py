@@ -19,6 +19,7 @@ from .geometry import WORKING_SPACING, covering_box, crop_or_pad, field_overlap,
 from .io import InputError, Volume
 from .labels import LABELS, MIN_VOLUME_CM3
 from .postprocess import labelmap_from_probabilities, largest_component, postprocess_labelmap
+from .precision import bf16_native, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,6 @@ def fitted_field(shape: tuple[int, ...], field_size=STAGE1_FIELD, multiple: int 
     of 16 (the U-Net's stride), at most ``field_size``. A fully convolutional network needs no
     more padding than that, and a 273-voxel-long sagittal scan then costs a 288-long pass, not 512."""
     return tuple(min(int(f), -(-int(s) // multiple) * multiple) for f, s in zip(field_size, shape[:3]))  # type: ignore[return-value]
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether bfloat16 autocast is fast here: CUDA GPUs with bf16 support, CPUs with
-    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        except AttributeError:  # older torch: no way to tell, stay in float32
-            return False
-    return False
 
 
 def cord_box(mask: np.ndarray, shape: tuple[int, ...], safety=SAFETY_FACTOR, min_size=ROI_SIZE) -> tuple[np.ndarray, np.ndarray] | None:
@@ -124,7 +112,7 @@ class Cascade:
         self.min_t1_coverage = min_t1_coverage
         # amp: bfloat16 autocast for both networks; "auto" = where the hardware runs it natively
         # (held-out phantoms: same Dice as float32; README, "Performance")
-        self.amp = bf16_native(self.device) if amp == "auto" else bool(amp)
+        self.amp = use_bf16(amp, self.device)
         self.field_size = tuple(int(v) for v in field_size)
         # fit_field: run the localiser on the image rounded up to 16 voxels (at most field_size)
         # instead of always on the full field_size

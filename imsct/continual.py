@@ -79,6 +79,7 @@ from .labels import MIN_VOLUME_CM3
 from .metrics import box_coverage, dice
 from .networks import localiser, tumour_network
 from .postprocess import labelmap_from_probabilities, postprocess_labelmap, split_masks
+from .precision import use_bf16
 from .training import PatchDataset, drop_gradients, gradients_finite, load_weights, save_weights, stage2_region, write_working_arrays
 
 DILATE_MM = 10.0
@@ -299,13 +300,14 @@ def _ewc_state(net, model_file: Path, replay_files: list[Path], state_dir: Path,
 
 
 def train_candidate(net: torch.nn.Module, fresh: list[Path], replay_files: list[Path], *, stage: int, iterations: int, batch_size: int, patch_size,
-                    replay: float, ewc: tuple[dict, dict] | None, ewc_lambda: float, lr: float, seed: int, amp: bool = True, log=print) -> dict:
+                    replay: float, ewc: tuple[dict, dict] | None, ewc_lambda: float, lr: float, seed: int, amp: bool | str = "auto", log=print) -> dict:
     """Fine-tune ``net`` in place: Dice loss (as the bundle's train.json) on batches of
     ``batch_size`` patches, ``round(replay * batch_size)`` of them (at least one when ``replay > 0``)
     from ``replay_files``, plus ``ewc_lambda / 2`` times the EWC penalty. Adam with cosine decay."""
     from monai.losses import DiceLoss
 
     torch.manual_seed(seed)
+    amp = use_bf16(amp, "cpu")
     patch = tuple(int(p) for p in patch_size)
     n_rep = 0
     if replay_files and replay > 0:
@@ -439,7 +441,7 @@ def _network(stage: int) -> torch.nn.Module:
 
 def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: str | Path, *, stage: int = 2, iterations: int, batch_size: int,
                   patch_size, replay: float = 0.5, replay_cases: int = 32, ewc_lambda: float = 1e4, tolerance: float = 0.02, seed: int = 0,
-                  lr: float = 1e-4, val_fraction: float = 0.2, cache_dir: str | Path | None = None, amp: bool = True,
+                  lr: float = 1e-4, val_fraction: float = 0.2, cache_dir: str | Path | None = None, amp: bool | str = "auto",
                   force_publish: bool = False, log: Callable[[str], None] = print) -> RoundResult:
     """One continual-learning round (see the module docstring). ``force_publish`` skips the gate
     (recorded as such); it exists for experiments, not for the app."""

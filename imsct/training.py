@@ -16,6 +16,7 @@ import torch
 
 from .bids import Case, find_cases
 from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
+from .precision import use_bf16
 from .geometry import WORKING_SPACING, crop_or_pad, resample, to_working, working_grid
 from .io import Volume, load_volume, replace_atomically
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
@@ -244,8 +245,9 @@ class AutocastInferer:
     """Runs the network under autocast on any device (MONAI's engines only autocast on CUDA):
     bfloat16 on CPU roughly halves the time of a training step. Returns float32."""
 
-    def __init__(self, enabled: bool = True, dtype: str = "bfloat16", inferer=None):
-        self.enabled, self.dtype, self.inferer = bool(enabled), getattr(torch, dtype), inferer
+    def __init__(self, enabled: bool | str = "auto", dtype: str = "bfloat16", inferer=None, device: str | torch.device = "cpu"):
+        # "auto": bfloat16 only where the device runs it natively (emulated bf16 is slower than float32)
+        self.enabled, self.dtype, self.inferer = use_bf16(enabled, device), getattr(torch, dtype), inferer
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         with torch.autocast(inputs.device.type, dtype=self.dtype, enabled=self.enabled):

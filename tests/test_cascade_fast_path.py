@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from imsct.cascade import STAGE1_FIELD, Cascade, bf16_native
+from imsct.cascade import STAGE1_FIELD, Cascade
+from imsct.precision import use_bf16
 from imsct.io import load_volume
 
 
@@ -14,7 +15,7 @@ def test_fast_default_agrees_with_float32_full_field(phantom_dir, cascade):
     t2 = load_volume(next(phantom_dir.glob("sub-001/anat/*_T2w.nii.gz")))
     t1 = load_volume(next(phantom_dir.glob("sub-001/anat/*_T1w.nii.gz")))
     fast = Cascade(cascade.localiser, cascade.segmenter)
-    assert fast.amp == bf16_native(fast.device) and fast.fit_field
+    assert fast.amp == use_bf16("auto", fast.device) and fast.fit_field
     reference = Cascade(cascade.localiser, cascade.segmenter, amp=False, fit_field=False, field_size=STAGE1_FIELD)
     a, b = reference(t2, t1), fast(t2, t1)
     assert a.labelmap.shape == b.labelmap.shape == t2.shape
