@@ -30,7 +30,7 @@ serve: setup
 	$(PY) apps/imsct_label/serve.py --studies $(DEMO)/label_studies --demo-cases 3 --port 8000
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -7,19 +7,21 @@ so volume thresholds use the native voxel size.
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from monai.inferers import SlidingWindowInferer
 
-from .geometry import WORKING_SPACING, covering_box, crop_or_pad, field_overlap, fields_intersect, resample, shifted, working_grid
+from .geometry import WORKING_SPACING, covering_box, crop_or_pad, field_overlap, fields_intersect, resample, shifted, to_working, working_grid
 from .io import InputError, Volume
 from .labels import LABELS, MIN_VOLUME_CM3
 from .postprocess import labelmap_from_probabilities, largest_component, postprocess_labelmap
-from .precision import bf16_native, use_bf16
+from .precision import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,34 @@ def cord_box(mask: np.ndarray, shape: tuple[int, ...], safety=SAFETY_FACTOR, min
     return lo, hi
 
 
+# Defaults of the recipe, in one place: the bundle's inference.json spells the same values and
+# tests/bundle/test_bundle_configs.py fails when the two disagree.
+THRESHOLD = 0.5
+SW_BATCH_SIZE = 4
+SW_OVERLAP = 0.25
+SW_MODE = "gaussian"
+MIN_T1_COVERAGE = 0.5
+
+
+def sliding_window_inferer(roi_size=ROI_SIZE, sw_batch_size: int = SW_BATCH_SIZE, overlap: float = SW_OVERLAP, mode: str = SW_MODE):
+    """Stage 2's Gaussian-blended sliding-window inferer (MONAI), with the recipe's defaults."""
+    from monai.inferers import SlidingWindowInferer
+
+    return SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+
+
+@dataclass
+class Working:
+    """An image resampled onto the cascade's working grid (1 x 1 x 2 mm, SI x AP x RL)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.data.shape[:3])  # type: ignore[return-value]
+
+
 @dataclass
 class CascadeResult:
     labelmap: np.ndarray  # on the T2w grid: 0 background, 1 tumour, 2 edema, 3 cavity
@@ -79,19 +109,30 @@ class CascadeResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _no_hook(_stage: str) -> None:
+    return None
+
+
 class Cascade:
-    """Stage 1 (cord localiser) then stage 2 (tumour network) on one T2w + T1w pair."""
+    """Stage 1 (cord localiser) then stage 2 (tumour network) on one T2w + T1w pair.
+
+    Built from a models folder with :meth:`from_models`; every step is public so that a front door
+    that needs only part of the work (the app's localiser and tumour tasks, Monte-Carlo scoring,
+    continual learning) calls the same code: :meth:`working`, :meth:`localise`, :meth:`find_box`,
+    :meth:`stage2_input`, :meth:`segment_crop`, :meth:`to_native`, :meth:`mc_dropout`. The
+    options of one call are arguments of :meth:`__call__`; the object is never changed by a call.
+    """
 
     def __init__(
         self,
         localiser: torch.nn.Module | None,
-        segmenter: torch.nn.Module,
-        inferer: SlidingWindowInferer | None = None,
-        threshold: float = 0.5,
+        segmenter: torch.nn.Module | None,
+        inferer=None,
+        threshold: float = THRESHOLD,
         min_volume_cm3: dict[str, float] | None = None,
         fill_holes: bool = True,
         keep_probabilities: bool = False,
-        min_t1_coverage: float = 0.5,
+        min_t1_coverage: float = MIN_T1_COVERAGE,
         device: str | torch.device = "cpu",
         amp: bool | str = "auto",
         field_size: tuple[int, int, int] = STAGE1_FIELD,
@@ -101,17 +142,18 @@ class Cascade:
         t2_only: bool = False,
     ):
         self.device = torch.device(device)
-        # localiser=None: no cascade, stage 2 runs over the whole field (the paper's baseline)
+        # localiser=None: no cascade, stage 2 runs over the whole field (the paper's baseline);
+        # segmenter=None: a localiser-only cascade (continual learning's stage-1 rounds)
         self.localiser = localiser.to(self.device).eval() if localiser is not None else None
-        self.segmenter = segmenter.to(self.device).eval()
-        self.inferer = inferer or SlidingWindowInferer(roi_size=ROI_SIZE, sw_batch_size=4, overlap=0.25, mode="gaussian")
+        self.segmenter = segmenter.to(self.device).eval() if segmenter is not None else None
+        self.inferer = inferer or sliding_window_inferer()
         self.threshold = threshold
         self.min_volume_cm3 = {**MIN_VOLUME_CM3, **(min_volume_cm3 or {})}
         self.fill_holes = fill_holes
-        self.keep_probabilities = keep_probabilities
+        self.keep_probabilities = keep_probabilities  # the default of __call__'s keep_probabilities
         self.min_t1_coverage = min_t1_coverage
         # amp: bfloat16 autocast for both networks; "auto" = where the hardware runs it natively
-        # (held-out phantoms: same Dice as float32; README, "Performance")
+        # (held-out phantoms: same Dice as float32; README, "Performance"); see imsct.precision
         self.amp = use_bf16(amp, self.device)
         self.field_size = tuple(int(v) for v in field_size)
         # fit_field: run the localiser on the image rounded up to 16 voxels (at most field_size)
@@ -119,21 +161,39 @@ class Cascade:
         self.fit_field = bool(fit_field)
         self.safety_factor = tuple(float(v) for v in safety_factor)
         self.spacing = tuple(float(v) for v in spacing)
-        # t2_only: the segmenter was trained with the T1w channel zeroed (model_t2only.pt); any
-        # T1w given is ignored and the channel is fed as zeros
+        # t2_only: the segmenter was trained with the T1w channel zeroed; any T1w given is
+        # ignored and the channel is fed as zeros
         self.t2_only = bool(t2_only)
-        # optional progress hook: called with "localise", "segment", "postprocess" as each stage
-        # starts and "done" at the end (the command line's progress bar uses it)
-        self.on_stage: Callable[[str], None] | None = None
 
-    def _stage(self, name: str) -> None:
-        if self.on_stage is not None:
-            self.on_stage(name)
+    @classmethod
+    def from_models(cls, models_dir: str | Path | None = None, *, t2_only: bool = False, device: str | torch.device = "cpu",
+                    precision: str = "auto", backend: str = "eager", **kw) -> "Cascade":
+        """The cascade of a models folder (default: the shipped ``bundle/models``): the localiser and
+        the two-contrast stage-2 network, or with ``t2_only`` the T2w-only one. ``precision``:
+        ``auto`` (bfloat16 autocast where native), ``float32`` or ``bfloat16``; ``backend``: eager
+        PyTorch or the TorchScript / ONNX exports beside the weights."""
+        from . import weights
+
+        if precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision {precision!r}: expected auto, float32 or bfloat16")
+        keys = weights.CASCADE_MODELS[bool(t2_only)]
+        if backend == "eager":
+            weights.check_present(keys, models_dir)
+        loc, seg = (weights.load_backend(k, models_dir, backend) for k in keys)
+        kw.setdefault("amp", {"auto": "auto", "float32": False, "bfloat16": True}[precision])
+        return cls(loc, seg, device=device, t2_only=t2_only, **kw)
 
     def _autocast(self):
         if self.amp:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
+
+    # ---- the steps -------------------------------------------------------------------------------
+
+    def working(self, image: Volume) -> Working:
+        """``image`` resampled onto its working grid (trilinear)."""
+        w_shape, w_aff = working_grid(image.affine, image.shape, self.spacing)
+        return Working(resample(image.data, image.affine, w_shape, w_aff).numpy(), w_aff)
 
     @torch.no_grad()
     def localise(self, t2w: np.ndarray) -> np.ndarray:
@@ -150,14 +210,27 @@ class Cascade:
         out[tuple(slice(a, b) for a, b in zip(lo, hi))] = mask[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))]
         return out
 
-    def find_box(self, t2w: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """Stage 1 and its box on the working grid: the cord mask (empty without a localiser) and
-        the box stage 2 works in (the whole field when no cord is found or there is no localiser)."""
-        whole = (np.zeros(3, int), np.asarray(t2w.shape))
-        if self.localiser is None:
-            return np.zeros(t2w.shape, np.uint8), whole
-        cord = self.localise(t2w)
-        return cord, cord_box(cord, t2w.shape, self.safety_factor, tuple(self.inferer.roi_size)) or whole
+    def box_of(self, cord: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The box stage 2 works in around a working-grid cord mask (the whole field when it is empty)."""
+        whole = (np.zeros(3, int), np.asarray(cord.shape[:3]))
+        return cord_box(cord, cord.shape, self.safety_factor, tuple(self.inferer.roi_size)) or whole
+
+    def find_box(self, t2w: np.ndarray, cord: np.ndarray | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Stage 1 and its box on the working grid: the cord mask (``cord`` when given, else the
+        localiser's; empty without a localiser) and the box stage 2 works in (the whole field when
+        no cord is found or there is no localiser)."""
+        if cord is None:
+            cord = self.localise(t2w) if self.localiser is not None else np.zeros(t2w.shape, np.uint8)
+        return cord, self.box_of(cord)
+
+    def cord_to_working(self, cord_native: Volume | np.ndarray, t2: Volume, w: Working) -> np.ndarray:
+        """A cord mask on the T2w's grid (e.g. an annotator's) onto the working grid."""
+        data = cord_native.data if isinstance(cord_native, Volume) else np.asarray(cord_native)
+        return to_working((data > 0.5).astype(np.uint8), t2.affine, w.shape, w.affine, label=True)
+
+    def cord_to_native(self, cord_working: np.ndarray, w: Working, t2: Volume) -> np.ndarray:
+        """The stage-1 cord mask back on the T2w's own grid (nearest neighbour)."""
+        return (to_working(cord_working, w.affine, t2.shape, t2.affine, label=True) > 0).astype(np.uint8)
 
     def stage2_input(self, t2w: np.ndarray, w_aff: np.ndarray, box, t1: Volume | None) -> tuple[np.ndarray, float]:
         """The ``(2, ...)`` stage-2 crop of ``box``: the working T2w and the T1w resampled inside
@@ -172,59 +245,33 @@ class Cascade:
         return np.stack([t2_crop, t1_crop]), coverage
 
     @torch.no_grad()
-    def segment_crop(self, image: np.ndarray) -> np.ndarray:
+    def segment_crop(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
         """Stage 2 by Gaussian-blended sliding window on a ``(2, ...)`` crop: ``(4, ...)`` probabilities."""
+        inferer = self.inferer
+        if progress and hasattr(inferer, "progress"):
+            inferer = copy.copy(inferer)  # a progress bar for this call only
+            inferer.progress = True
         with self._autocast():
-            logits = self.inferer(torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device), self.segmenter)
+            logits = inferer(torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device), self.segmenter)
         return torch.sigmoid(logits.float())[0].cpu().numpy()
 
-    def __call__(self, t2: Volume, t1: Volume | None) -> CascadeResult:
-        import time
+    def to_native(self, probs_crop: np.ndarray, box, w_aff: np.ndarray, t2: Volume,
+                  keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stage 2's box probabilities back onto the T2w's exact grid, thresholded and
+        post-processed there: the label map (and the ``(4, ...)`` probabilities when kept).
 
-        if t1 is None and not self.t2_only:
-            raise InputError(f"T2w {t2.path}: no T1w given; this model needs both contrasts (use the T2w-only model)")
-        tm: dict[str, float] = {}
-        t0 = time.perf_counter()
-        w_shape, w_aff = working_grid(t2.affine, t2.shape, self.spacing)
-        t2w = resample(t2.data, t2.affine, w_shape, w_aff).numpy()
-        if not self.t2_only and not fields_intersect(t1.shape, t1.affine, w_shape, w_aff):
-            raise InputError(f"T1w {t1.path}: does not overlap the T2w {t2.path} in world space (check both headers)")
-        tm["resample"] = time.perf_counter() - t0
-
-        self._stage("localise")
-        t0 = time.perf_counter()
-        cord, box = self.find_box(t2w)
-        tm["localise"] = time.perf_counter() - t0
-        if self.localiser is not None and not cord.any():
-            log.warning("%s: no spinal cord found by stage 1; segmenting the whole field", t2.path)
-        lo, hi = box
-        t0 = time.perf_counter()
-        crop, coverage = self.stage2_input(t2w, w_aff, box, t1)
-        if coverage < self.min_t1_coverage:
-            raise InputError(
-                f"T1w {t1.path}: covers only {coverage:.0%} of the spinal cord region found on T2w {t2.path}; "
-                "the two series do not overlap (check the headers or register T1w to T2w)"
-            )
-        tm["resample"] += time.perf_counter() - t0
-
-        self._stage("segment")
-        t0 = time.perf_counter()
-        probs_crop = self.segment_crop(crop)
-        tm["segment"] = time.perf_counter() - t0
-
-        self._stage("postprocess")
-        t0 = time.perf_counter()
-        # Probabilities are zero outside the box, so only the T2w voxels that the box reaches are
-        # resampled and post-processed (the same result as on the whole grid, at a fraction of it).
-        # Without probability maps to keep, only T2w voxels next to a working voxel above the
-        # threshold can become lesion (a trilinear value is a convex combination of its 8
-        # neighbours), so the region shrinks to those voxels plus a one-voxel margin: exact too.
+        Probabilities are zero outside the box, so only the T2w voxels that the box reaches are
+        resampled and post-processed (the same result as on the whole grid, at a fraction of it).
+        Without probability maps to keep, only T2w voxels next to a working voxel above the
+        threshold can become lesion (a trilinear value is a convex combination of its 8
+        neighbours), so the region shrinks to those voxels plus a one-voxel margin: exact too."""
+        lo, hi = (np.asarray(v) for v in box)
         r_lo, r_hi = np.zeros(3, int), hi - lo
-        if not self.keep_probabilities:
+        if not keep_probabilities:
             above = np.argwhere((probs_crop > self.threshold).any(axis=0))
             r_lo, r_hi = (np.maximum(above.min(0) - 1, 0), np.minimum(above.max(0) + 2, r_hi)) if above.size else (r_lo, r_lo)
         labelmap = np.zeros(t2.shape[:3], np.uint8)
-        probs = np.zeros((4, *t2.shape[:3]), np.float32) if self.keep_probabilities else None
+        probs = np.zeros((probs_crop.shape[0], *t2.shape[:3]), np.float32) if keep_probabilities else None
         if (r_hi > r_lo).all():
             region = probs_crop[(slice(None), *[slice(a, b) for a, b in zip(r_lo, r_hi)])]
             n_lo, n_hi = covering_box(lo + r_lo, lo + r_hi, w_aff, t2.shape, t2.affine)
@@ -235,19 +282,106 @@ class Cascade:
             labelmap[n_sl] = postprocess_labelmap(sub, t2.voxel_volume_mm3, self.min_volume_cm3, self.fill_holes)
             if probs is not None:
                 probs[(slice(None), *n_sl)] = probs_sub
+        return labelmap, probs
+
+    def mc_dropout(self, t2: Volume, t1: Volume | None, samples: int, box=None, seed: int = 0) -> tuple[float, tuple]:
+        """Monte-Carlo dropout uncertainty: the mean voxel variance of stage 2's outputs over
+        ``samples`` passes with dropout active, inside the stage-1 box (found here when ``box`` is
+        None). Returns the score and the box. The networks are back in eval mode afterwards and
+        torch's random state is restored."""
+        w = self.working(t2)
+        if box is None:  # the cascade's own box (the whole field when no cord is found)
+            _, box = self.find_box(w.data)
+        crop, _ = self.stage2_input(w.data, w.affine, box, t1)
+        dropouts = [m for m in self.segmenter.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+        if not dropouts:
+            raise InputError("the stage-2 network has no dropout layer: Monte-Carlo dropout is not possible")
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            for m in dropouts:
+                m.train()
+            runs = np.stack([self.segment_crop(crop) for _ in range(samples)])
+        finally:
+            for m in dropouts:
+                m.eval()
+            torch.random.set_rng_state(state)
+        return float(runs.var(axis=0).mean()), box
+
+    # ---- the whole cascade -------------------------------------------------------------------------
+
+    def locate(self, t2: Volume, cord: Volume | np.ndarray | None = None) -> tuple[Working, np.ndarray, tuple]:
+        """Resample the T2w to the working grid and run stage 1 (or take ``cord``, a mask on the
+        T2w grid): the working T2w, the working cord mask and stage 2's box."""
+        w = self.working(t2)
+        cord_w, box = self.find_box(w.data, self._given_cord(cord, t2, w))
+        return w, cord_w, box
+
+    def _given_cord(self, cord, t2: Volume, w: Working) -> np.ndarray | None:
+        if cord is None:
+            return None
+        given = self.cord_to_working(cord, t2, w)
+        if not given.any():
+            raise InputError(f"cord mask for T2w {t2.path}: empty on the working grid")
+        return given
+
+    def __call__(self, t2: Volume, t1: Volume | None, *, cord: Volume | np.ndarray | None = None,
+                 keep_probabilities: bool | None = None, on_stage: Callable[[str], None] | None = None,
+                 progress: bool = False) -> CascadeResult:
+        """Segment one case. ``cord``: a cord mask on the T2w grid that replaces stage 1 (an
+        annotator's); ``keep_probabilities``: also return the probabilities on the T2w grid
+        (default: the constructor's); ``on_stage``: called with "localise", "segment",
+        "postprocess" as each stage starts and "done" at the end; ``progress``: a progress bar
+        over the sliding windows."""
+        if t1 is None and not self.t2_only:
+            raise InputError(f"T2w {t2.path}: no T1w given; this model needs both contrasts (use the T2w-only model)")
+        keep = self.keep_probabilities if keep_probabilities is None else bool(keep_probabilities)
+        stage = on_stage or _no_hook
+        tm: dict[str, float] = {}
+        t0 = time.perf_counter()
+        w = self.working(t2)
+        if not self.t2_only and not fields_intersect(t1.shape, t1.affine, w.shape, w.affine):
+            raise InputError(f"T1w {t1.path}: does not overlap the T2w {t2.path} in world space (check both headers)")
+        given = self._given_cord(cord, t2, w)
+        tm["resample"] = time.perf_counter() - t0
+
+        stage("localise")
+        t0 = time.perf_counter()
+        cord_w, box = self.find_box(w.data, given)
+        tm["localise"] = time.perf_counter() - t0
+        if given is None and self.localiser is not None and not cord_w.any():
+            log.warning("%s: no spinal cord found by stage 1; segmenting the whole field", t2.path)
+        t0 = time.perf_counter()
+        crop, coverage = self.stage2_input(w.data, w.affine, box, t1)
+        if coverage < self.min_t1_coverage:
+            raise InputError(
+                f"T1w {t1.path}: covers only {coverage:.0%} of the spinal cord region found on T2w {t2.path}; "
+                "the two series do not overlap (check the headers or register T1w to T2w)"
+            )
+        tm["resample"] += time.perf_counter() - t0
+
+        stage("segment")
+        t0 = time.perf_counter()
+        probs_crop = self.segment_crop(crop, progress=progress)
+        tm["segment"] = time.perf_counter() - t0
+
+        stage("postprocess")
+        t0 = time.perf_counter()
+        labelmap, probs = self.to_native(probs_crop, box, w.affine, t2, keep)
         tm["postprocess"] = time.perf_counter() - t0
-        self._stage("done")
+        stage("done")
         return CascadeResult(
             labelmap=labelmap,
             probabilities=probs,
             affine=t2.affine,
             box_working=box,
-            cord_found=bool(cord.any()),
-            cord_working=cord,
-            working_shape=w_shape,
-            working_affine=w_aff,
+            cord_found=bool(cord_w.any()),
+            cord_working=cord_w,
+            working_shape=w.shape,
+            working_affine=w.affine,
             timings=tm,
         )
 
 
-__all__ = ["Cascade", "CascadeResult", "stage1_input", "cord_box", "zscore", "STAGE1_FIELD", "ROI_SIZE", "SAFETY_FACTOR", "LABELS"]
+__all__ = ["Cascade", "CascadeResult", "Working", "stage1_input", "cord_box", "zscore", "sliding_window_inferer",
+           "STAGE1_FIELD", "ROI_SIZE", "SAFETY_FACTOR", "THRESHOLD", "SW_OVERLAP", "SW_BATCH_SIZE", "SW_MODE", "LABELS"]

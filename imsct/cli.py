@@ -16,7 +16,7 @@ import sys
 
 from .io import InputError
 
-COMMANDS = ("segment", "morphometrics", "compare", "qc", "phantoms")
+COMMANDS = ("segment", "morphometrics", "compare", "qc", "phantoms", "dicom", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\nRun 'imsct <command> --help' for the options and more examples of each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"imsct {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, mod in mods.items():
         p = sub.add_parser(

@@ -15,8 +15,8 @@ replay=0.5, ewc_lambda=..., tolerance=0.02, seed, log=print, ...) -> RoundResult
     1. updates the persistent split (``state_dir/split.json``, see :func:`update_split`);
     2. brings every case to the working grid once (``.npz`` cache with the keys of
        :func:`imsct.training.prepare_case`, see :func:`prepare_labelled`);
-    3. fine-tunes the published model (``models_dir/model.pt`` for stage 2,
-       ``models_dir/localiser.pt`` for stage 1) on the training cases not yet learnt ("fresh"),
+    3. fine-tunes the published model of the stage (:func:`imsct.weights.stage_model`: the
+       tumour network for stage 2, the localiser for stage 1) on the training cases not yet learnt ("fresh"),
        mixing into every batch a share ``replay`` of patches from a reservoir of earlier rounds'
        training cases (per-centre reservoir sampling, Vitter's algorithm R), and adding the EWC
        penalty of Kirkpatrick et al. 2017 (PNAS 114:3521, "Overcoming catastrophic forgetting in
@@ -75,16 +75,14 @@ from scipy import ndimage
 from .cascade import Cascade, cord_box
 from .geometry import WORKING_SPACING
 from .io import InputError, copy_atomically, load_volume, replace_atomically
-from .labels import MIN_VOLUME_CM3
+from .labels import CLASSES, MIN_VOLUME_CM3, split_masks
 from .metrics import box_coverage, dice
-from .networks import localiser, tumour_network
-from .postprocess import labelmap_from_probabilities, postprocess_labelmap, split_masks
+from .postprocess import labelmap_from_probabilities, postprocess_labelmap
 from .precision import use_bf16
-from .training import PatchDataset, drop_gradients, gradients_finite, load_weights, save_weights, stage2_region, write_working_arrays
+from .training import PatchDataset, drop_gradients, gradients_finite, stage2_region, write_working_arrays
+from .weights import MODELS, build, load_weights, save_weights, stage_model
 
 DILATE_MM = 10.0
-MODEL_FILES = {1: "localiser.pt", 2: "model.pt"}
-CLASS_NAMES = ("tumor", "edema", "cavity", "whole-tumor")
 
 
 @dataclass
@@ -199,7 +197,7 @@ def stage1_target(t2_working: np.ndarray, label_working: np.ndarray, localiser_n
     tumour dilated by ``dilate_mm`` (see the module docstring)."""
     target = np.zeros(t2_working.shape, bool)
     if localiser_net is not None:
-        target |= Cascade(localiser_net, tumour_network()).localise(t2_working) > 0
+        target |= Cascade(localiser_net, None).localise(t2_working) > 0
     wt = label_working > 0
     if wt.any():
         radius = np.maximum(1, np.round(dilate_mm / np.asarray(WORKING_SPACING)).astype(int))
@@ -368,7 +366,7 @@ def evaluate_case(net: torch.nn.Module, npz: Path, stage: int) -> dict:
     with the target and the share of lesion voxels inside the box the cascade would crop."""
     d = np.load(npz)
     if stage == 1:
-        cord = Cascade(net, tumour_network()).localise(d["t2"])
+        cord = Cascade(net, None).localise(d["t2"])
         box = cord_box(cord > 0, d["t2"].shape)
         wt = d["label"] > 0
         cov = box_coverage(wt, *box) if box is not None else (1.0 if not wt.any() else 0.0)
@@ -378,7 +376,7 @@ def evaluate_case(net: torch.nn.Module, npz: Path, stage: int) -> dict:
     lab = labelmap_from_probabilities(probs)
     lab = postprocess_labelmap(lab, float(np.prod(WORKING_SPACING)), MIN_VOLUME_CM3)
     pm, tm = split_masks(lab), split_masks(d["label"][sl])
-    return {f"{k}_dice": dice(pm[k], tm[k]) for k in CLASS_NAMES} | {f"{k}_present": bool(tm[k].any()) for k in CLASS_NAMES}
+    return {f"{k}_dice": dice(pm[k], tm[k]) for k in CLASSES} | {f"{k}_present": bool(tm[k].any()) for k in CLASSES}
 
 
 def _cached_evaluation(net, model_file: Path, npz: Path, stage: int, cache_dir: Path) -> dict:
@@ -402,7 +400,7 @@ def summarise(rows: dict[str, dict], split: dict, stage: int) -> dict:
                            "stage1_dice": float(np.mean([r["stage1_dice"] for r in mine])), "cases": len(mine)}
             continue
         c = {"cases": len(mine)}
-        for k in CLASS_NAMES:
+        for k in CLASSES:
             vals = [r[f"{k}_dice"] for r in mine if r[f"{k}_present"]]
             c[f"{k}_dice"] = float(np.mean(vals)) if vals else None
         out[centre] = c
@@ -425,8 +423,8 @@ def publish(candidate: Path, target: Path) -> None:
 def _remove_leftovers(models_dir: Path, state_dir: Path) -> None:
     """Temporary files of a round that was killed before it renamed them (the round holds the
     state folder's lock, so none of them is being written now)."""
-    for name in MODEL_FILES.values():
-        for p in models_dir.glob(f".{name}.*.tmp"):
+    for m in MODELS.values():
+        for p in models_dir.glob(f".{m.filename}.*.tmp"):
             p.unlink(missing_ok=True)
     for p in [*state_dir.glob(".*.json.*.tmp"), *state_dir.glob(".ewc-stage*.pt.*.tmp")]:
         p.unlink(missing_ok=True)
@@ -436,7 +434,7 @@ def _remove_leftovers(models_dir: Path, state_dir: Path) -> None:
 
 
 def _network(stage: int) -> torch.nn.Module:
-    return localiser() if stage == 1 else tumour_network()
+    return build(stage_model(stage).key)
 
 
 def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: str | Path, *, stage: int = 2, iterations: int, batch_size: int,
@@ -448,9 +446,9 @@ def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: 
     t_start = time.perf_counter()
     models_dir, state_dir = Path(models_dir), Path(state_dir)
     cache_dir = Path(cache_dir) if cache_dir else state_dir / "cache"
-    model_file = models_dir / MODEL_FILES[stage]
+    model_file = stage_model(stage).path(models_dir)
     if not model_file.exists():
-        raise InputError(f"model folder {models_dir}: {MODEL_FILES[stage]} not found (the round fine-tunes the published model)")
+        raise InputError(f"model folder {models_dir}: {model_file.name} not found (the round fine-tunes the published model)")
     with _locked(state_dir):
         _remove_leftovers(models_dir, state_dir)
         rounds = _read_json(state_dir / "rounds.json", [])
@@ -462,8 +460,8 @@ def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: 
         res = _read_json(state_dir / "reservoir.json", {"learnt": [], "reservoir": {}, "seen": {}})
         by_name = {c.name: c for c in cases}
 
-        loc_file = models_dir / MODEL_FILES[1]
-        loc_net = load_weights(localiser(), loc_file) if loc_file.exists() else None
+        loc_file = stage_model(1).path(models_dir)
+        loc_net = load_weights(_network(1), loc_file) if loc_file.exists() else None
         loc_id = _file_id(loc_file) if loc_file.exists() else "none"
         t0 = time.perf_counter()
         npz = {c.name: prepare_labelled(c, cache_dir, loc_net, loc_id) for c in cases}
@@ -485,7 +483,7 @@ def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: 
         train_info = train_candidate(net, [npz[n] for n in fresh], [npz[n] for n in reservoir], stage=stage, iterations=iterations,
                                      batch_size=batch_size, patch_size=patch_size, replay=replay, ewc=ewc, ewc_lambda=ewc_lambda,
                                      lr=lr, seed=seed, amp=amp, log=log)
-        candidate = state_dir / f"candidate-{MODEL_FILES[stage]}"
+        candidate = state_dir / f"candidate-{model_file.name}"
         save_weights(net, candidate)
         cand_net = load_weights(_network(stage), candidate)  # gate exactly the fp16 file that would be published
         after = {n: _cached_evaluation(cand_net, candidate, npz[n], stage, cache_dir) for n in val_names}

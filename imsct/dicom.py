@@ -31,7 +31,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .io import InputError, Volume, load_volume, replace_atomically
+from .io import InputError, Volume, load_volume, replace_atomically, same_grid
 from .labels import COLOURS, LABELS
 
 T2W_DESCRIPTION = "T2w"
@@ -423,11 +423,11 @@ def write_seg(labelmap: Volume | str | os.PathLike, source, out_path: str | os.P
         raise InputError(f"{lab.path}: label map is empty; DICOM SEG needs at least one labelled voxel")
     files = _dicom_files(source)
     ref = read_series(files)
-    if ref.shape != lab.shape or not np.allclose(ref.affine, lab.affine, atol=1e-3):
+    if not same_grid(ref, lab):
         # The reader may order the slices the other way; compare in canonical orientation.
         a = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine))
         b = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine))
-        if a.shape != b.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
+        if not same_grid(a, b):
             raise InputError(f"{lab.path}: label map grid {lab.shape} does not match the DICOM series {ref.path} {ref.shape}")
     seg_img = volume_to_sitk(Volume(np.round(lab.data).astype(np.uint16), lab.affine, lab.path), sitk.sitkUInt16)
     writer = pydicom_seg.MultiClassWriter(template=seg_template(present, algorithm=algorithm),
@@ -494,59 +494,9 @@ def read_seg(path: str | os.PathLike) -> Volume:
     return Volume(data=data.astype(np.uint8), affine=LPS @ lps, path=str(path))
 
 
-# ---------------------------------------------------------------------------------------------
-# command line: python -m imsct.dicom (and the ``imsct dicom`` sub-command)
-
-HELP = "Convert a BIDS folder of T2w + Gd-T1w NIfTI (e.g. phantoms) to DICOM MR studies; optionally store them in a DICOMweb server."
-EXAMPLE = ("imsct dicom data/phantoms --out data/phantoms-dicom\n"
-           "  imsct dicom data/phantoms --out data/phantoms-dicom --stow http://127.0.0.1:8042/dicom-web")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("bids", help="BIDS folder with sub-*/[ses-*/]anat/sub-*_T2w.nii.gz and _T1w.nii.gz")
-    parser.add_argument("--out", required=True, help="output folder: <out>/sub-XXX[/ses-YY]/{T2w,T1w_Gd}/*.dcm")
-    parser.add_argument("--stow", metavar="URL", help="DICOMweb root to store the studies in (STOW-RS), "
-                        "e.g. http://127.0.0.1:8042/dicom-web for Orthanc")
-    parser.add_argument("--quiet", action="store_true", help="print nothing per study")
-
-
-def run(args) -> int:
-    client = None
-    if args.stow:  # check the server first: nothing is converted for a server that is not there
-        from dicomweb_client import DICOMwebClient
-
-        client = DICOMwebClient(args.stow.rstrip("/"))
-        try:
-            client.search_for_studies(limit=1)
-        except Exception as exc:
-            raise InputError(f"{args.stow}: cannot reach the DICOMweb server ({type(exc).__name__})") from None
-    studies = bids_to_dicom(args.bids, args.out)
-    for s in studies:
-        if client is not None:
-            try:
-                client.store_instances([pydicom.dcmread(f) for f in s.files])
-            except Exception as exc:  # connection refused, HTTP error: name the server and the study
-                raise InputError(f"{args.stow}: storing study {s.study_uid} of {s.patient_id} failed ({exc})") from None
-        if not args.quiet:
-            where = f", stored in {args.stow}" if client is not None else ""
-            print(f"{s.patient_id}: study {s.study_uid} (T2w {s.t2_series_uid}, T1w Gd {s.t1_series_uid}){where}", flush=True)
-    return 0
-
-
-def main(argv=None) -> int:
-    import argparse
+if __name__ == "__main__":  # python -m imsct.dicom: the same as ``imsct dicom``
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m imsct.dicom", description=HELP, epilog=f"example:\n  {EXAMPLE}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except InputError as exc:
-        print(f"imsct dicom: error: {exc}", file=sys.stderr)
-        return 2
+    from .cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["dicom", *sys.argv[1:]]))

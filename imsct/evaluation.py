@@ -22,7 +22,7 @@ from .geometry import to_working
 from .io import InputError, load_volume, write_text_atomically
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 from .metrics import box_counts, case_metrics, dice
-from .runner import write_outputs
+from .inference import write_outputs
 
 log = logging.getLogger("imsct")
 CLASSES = tuple(SEG_SUFFIXES)  # tumor, edema, cavity, whole-tumor

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, Volume, load_volume
+from .io import InputError, Volume, load_volume, same_grid
+from .labels import CLASSES, split_masks
 
-CLASSES = ("tumor", "edema", "cavity", "whole-tumor")
 DAYS_PER_YEAR = 365.25
 CSV_COLUMNS = [
     "class", "volume_visit1_mm3", "volume_visit2_mm3", "change_mm3", "change_percent", "rate_mm3_per_year",
@@ -92,7 +92,7 @@ def load_visit(t2_path: str | os.PathLike, seg_paths: list[str], date: str | _dt
 
     t2 = load_volume(t2_path, "T2w")
     labelmap, affine, _ = read_labelmap(list(seg_paths))
-    if labelmap.shape != t2.shape or not np.allclose(affine, t2.affine, atol=1e-3):
+    if not same_grid((labelmap.shape, affine), t2):
         raise InputError(f"label map {seg_paths[0]}: not on its T2w's grid ({t2_path}): shape {labelmap.shape} vs "
                          f"{t2.shape}, or the affines differ; give the label map that was segmented from this T2w")
     if date is None:
@@ -125,7 +125,6 @@ def compare_visits(v1: Visit, v2: Visit, register: bool = True) -> dict:
     from .geometry import field_overlap, to_working
     from .metrics import detection_rates, dice
     from .morphometrics import measure
-    from .postprocess import split_masks
 
     days = (v2.date - v1.date).days
     if days <= 0:

@@ -45,6 +45,25 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
 
 
+GRID_ATOL_MM = 1e-3  # affines closer than this (per element) describe the same grid
+
+
+def _grid(g) -> tuple[tuple[int, ...], np.ndarray]:
+    if isinstance(g, tuple) and len(g) == 2 and not isinstance(g[0], (int, np.integer)):
+        shape, affine = g
+    else:
+        shape, affine = g.shape, g.affine
+    return tuple(int(v) for v in tuple(shape)[:3]), np.asarray(affine, dtype=np.float64)
+
+
+def same_grid(a, b, atol: float = GRID_ATOL_MM) -> bool:
+    """Whether two images lie on one voxel grid: same 3D shape and affines equal within ``atol``.
+    Each of ``a`` and ``b`` is an object with ``.shape`` and ``.affine`` (a :class:`Volume`, a
+    nibabel image) or a ``(shape, affine)`` pair."""
+    (sa, aa), (sb, ab) = _grid(a), _grid(b)
+    return sa == sb and np.allclose(aa, ab, atol=atol)
+
+
 MAX_VOXEL_MM = 20.0
 
 

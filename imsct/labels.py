@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 # Index of each class in the single label map (``_seg-imsct``); 0 is background.
 LABELS: dict[str, int] = {"tumor": 1, "edema": 2, "cavity": 3}
 
-# Output channels of the stage-2 network, in order (sigmoid each).
-STAGE2_CHANNELS: tuple[str, ...] = ("tumor", "edema", "cavity", "whole-tumor")
+# The classes IMSCT reports, in order; also the output channels of the stage-2 network (sigmoid
+# each; whole tumour contains the other three).
+CLASSES: tuple[str, ...] = ("tumor", "edema", "cavity", "whole-tumor")
+STAGE2_CHANNELS: tuple[str, ...] = CLASSES
+WHOLE = CLASSES[3]
+REPORT_ORDER: tuple[str, ...] = (WHOLE, *CLASSES[:3])  # tables lead with whole tumour
 
 # RGB colours used in viewers and QC overlays.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -37,3 +43,10 @@ def output_paths(case_name: str, output_dir: str | Path, probabilities: bool = F
     if probabilities:
         paths.update({f"prob-{name}": out / f"{case_name}{PROB_PREFIX}{name}.nii.gz" for name in STAGE2_CHANNELS})
     return paths
+
+
+def split_masks(labelmap: np.ndarray) -> dict[str, np.ndarray]:
+    """Binary masks of every class of :data:`CLASSES` from a label map (whole tumour = any lesion)."""
+    masks = {name: labelmap == value for name, value in LABELS.items()}
+    masks[WHOLE] = labelmap > 0
+    return masks

@@ -22,7 +22,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from .postprocess import split_masks
+from .labels import split_masks
+
 
 DETECTION_MIN_OVERLAP_MM3 = 6.0
 _STRUCT = np.ones((3, 3, 3), bool)

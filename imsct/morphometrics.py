@@ -46,9 +46,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .io import InputError, load_volume, strip_nifti_ext, voxel_volume_mm3, write_texts
-from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES, STAGE2_CHANNELS
-from .postprocess import split_masks
+from .io import InputError, load_volume, same_grid, strip_nifti_ext, voxel_volume_mm3, write_texts
+from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, split_masks
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
 SLAB_MIN_MM = 1.0
@@ -216,7 +215,7 @@ def read_labelmap(paths: list[str]):
                              f"(found {float(data.min()):g} to {float(data.max()):g})")
         if labelmap is None:
             labelmap, affine, first = np.zeros(vol.shape, np.uint8), vol.affine, p
-        elif vol.shape != labelmap.shape or not np.allclose(vol.affine, affine, atol=1e-3):
+        elif not same_grid(vol, (labelmap.shape, affine)):
             raise InputError(f"{p}: grid {vol.shape} differs from {first}'s {labelmap.shape} (shape or affine); "
                              "all inputs must be on one grid")
         values = data.astype(np.uint8) if cls is None else (data > 0).astype(np.uint8) * LABELS[cls]

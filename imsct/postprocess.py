@@ -61,10 +61,3 @@ def postprocess_labelmap(
         kept = remove_small(mask, min_volume_cm3.get(name, 0.0) * 1000.0 / voxel_mm3)
         sub[mask & ~kept] = 0
     return out
-
-
-def split_masks(labelmap: np.ndarray) -> dict[str, np.ndarray]:
-    """Binary masks per output name (tumor, edema, cavity, whole-tumor) from a label map."""
-    masks = {name: labelmap == value for name, value in LABELS.items()}
-    masks["whole-tumor"] = labelmap > 0
-    return masks

@@ -41,7 +41,7 @@ from typing import Callable, Iterable
 import nibabel as nib
 import numpy as np
 
-from .io import InputError, Volume, load_volume, replace_atomically, strip_nifti_ext, write_text_atomically
+from .io import InputError, Volume, load_volume, replace_atomically, same_grid, strip_nifti_ext, write_text_atomically
 from .labels import COLOURS, LABELS, SEG_SUFFIXES
 
 GENERATOR = "imsct qc"
@@ -228,7 +228,7 @@ def load_labelmap(seg, t2: Volume) -> np.ndarray:
 
     files = _seg_files(seg)
     lab, affine, _ = read_labelmap(files)
-    if lab.shape != t2.shape or not np.allclose(affine, t2.affine, atol=1e-3):
+    if not same_grid((lab.shape, affine), t2):
         raise InputError(
             f"label map {files[0]}: its grid (shape {lab.shape}) differs from the T2w {t2.path} (shape {t2.shape}); "
             "QC needs the labels on the T2w grid (as imsct segment and sct_deepseg write them)"

@@ -140,19 +140,6 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, prob: f
             F.grid_sample(y, grid, mode="nearest", align_corners=False))
 
 
-def save_weights(net: torch.nn.Module, path: str | Path) -> None:
-    """Save a state dict in float16 (half the size; loaded back as float32), atomically."""
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
-    replace_atomically(path, lambda out: torch.save(state, out))
-
-
-def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load a state dict saved by :func:`save_weights` on any device (CPU-safe)."""
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
-    return net
-
-
 # ---- pieces the bundle's train.json wires into MONAI's ignite workflows ----------------------
 
 

@@ -34,9 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-MODELS = ROOT / "bundle" / "models"
 STAGES = ("load", "resample", "localise", "segment", "postprocess", "save")
 
 
@@ -76,12 +74,10 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
 
     import torch
 
+    from imsct import weights
     from imsct.cascade import Cascade
-    from imsct.export import export_models, load_exported
+    from imsct.inference import write_outputs
     from imsct.io import load_volume
-    from imsct.networks import localiser, tumour_network
-    from imsct.runner import write_outputs
-    from imsct.training import load_weights
 
     t0 = time.perf_counter()
     opts: dict = {}  # the defaults of inference.json: bf16 autocast where native, localiser field fitted to the image
@@ -89,15 +85,12 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
         opts = {"amp": False, "fit_field": False}
     elif backend != "eager":  # the exported graphs run in float32
         opts = {"amp": False}
-    if backend.startswith("eager"):
-        loc = load_weights(localiser(), models / "localiser.pt")
-        seg = load_weights(tumour_network(), models / "model.pt")
-    else:
-        ext = ".ts" if backend == "torchscript" else ".onnx"
-        if not (models / f"model{ext}").exists():
-            export_models(models, formats=(backend,))
-        loc, seg = load_exported(models / f"localiser{ext}"), load_exported(models / f"model{ext}")
-    cascade = Cascade(loc if cascade_mode else None, seg, **opts)
+    kind = "eager" if backend.startswith("eager") else backend
+    served = weights.CASCADE_MODELS[False]
+    if kind != "eager" and not all(weights.exported_path(k, models, kind).exists() for k in served):
+        weights.export_models(models, formats=(kind,), keys=served)
+    full = Cascade.from_models(models, backend=kind, **opts)
+    cascade = full if cascade_mode else Cascade(None, full.segmenter, **opts)
     load_models_s = time.perf_counter() - t0
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +140,15 @@ def server_latencies(t2p: Path, t1p: Path, repeats: int, threads: int = 0) -> di
     app's own launcher, as the tests start it) whose datastore holds the paper-sized case."""
     import shutil
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from servers import MonaiLabelServer  # noqa: E402
+    import importlib.util
+
+    # the test suite's launcher of the app (one implementation of "start a server and wait for it"),
+    # loaded as the package tests/support without putting tests/ on sys.path
+    folder = ROOT / "tests" / "support"
+    spec = importlib.util.spec_from_file_location("support", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    sys.modules["support"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["support"])
+    from support.servers import MonaiLabelServer  # noqa: E402
 
     from monailabel.client import MONAILabelClient
     from monailabel.client.client import MONAILabelClientException
@@ -201,8 +201,10 @@ def main(argv=None) -> int:
     t2p, t1p = make_case(work / "case")
     models = work / "models"  # exported files go here, never into bundle/models
     models.mkdir(parents=True, exist_ok=True)
-    for name in ("localiser.pt", "model.pt"):
-        (models / name).write_bytes((MODELS / name).read_bytes())
+    from imsct import weights
+
+    for key in weights.CASCADE_MODELS[False]:
+        weights.path(key, models).write_bytes(weights.path(key).read_bytes())
     import nibabel as nib
 
     print(f"case: T2w {nib.load(t2p).shape} {tuple(round(float(v), 2) for v in nib.load(t2p).header.get_zooms())} mm, "

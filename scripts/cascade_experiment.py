@@ -37,8 +37,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from bundle_train import seconds_per_iteration, start_bundle_training  # noqa: E402
 
@@ -70,7 +68,7 @@ def patches_per_pass(files, crop_to_cord: bool, roi=(128, 128, 32), stride=(64, 
 def select_weights(run_dir: Path, out: Path) -> tuple[Path, str]:
     """The checkpoint validation picked (best.pt), stored as float16 like the shipped weights."""
     from imsct.networks import tumour_network
-    from imsct.training import load_weights, save_weights
+    from imsct.weights import load_weights, save_weights
 
     best = run_dir / "best.pt"
     if best.exists():
@@ -155,9 +153,10 @@ def main(argv=None) -> int:
 
     from imsct.cascade import Cascade
     from imsct.evaluation import CohortEvaluator
-    from imsct.networks import localiser, tumour_network
+    from imsct import weights as imsct_weights
     from imsct.phantoms import generate_dataset
-    from imsct.training import load_weights, split_cases
+    from imsct.training import split_cases
+
 
     reused = None
     if args.reuse_cascade:
@@ -183,8 +182,8 @@ def main(argv=None) -> int:
 
         single = Path(args.out) / "stage0" / "model_fp16.pt"
         cascade_w = Path(reused["weights"]) if reused else Path(args.out) / "stage2" / "model_fp16.pt"
-        cascades = {"cascade": Cascade(load_weights(localiser(), Path(args.models) / "localiser.pt"), load_weights(tumour_network(), cascade_w)),
-                    "single network": Cascade(None, load_weights(tumour_network(), single))}
+        cascades = {"cascade": Cascade(imsct_weights.load("localiser", args.models), imsct_weights.load("tumour", file=cascade_w)),
+                    "single network": Cascade(None, imsct_weights.load("tumour", file=single))}
         cases = [c for c in find_cases(args.heldout) if c.labels][: args.timing_cases]
         timing = interleaved_timing(cascades, cases)
         timing["cases"] = [c.name for c in cases]
@@ -241,8 +240,8 @@ def main(argv=None) -> int:
             parsed = parse_log(log)
             wall = walls.get(arm) or log_span_s(log)
             s_per_it, curve, epochs_done = seconds_per_iteration(log), parsed["val_mean_dice"], parsed["epochs_done"]
-        seg = load_weights(tumour_network(), weights)
-        loc = load_weights(localiser(), Path(args.models) / "localiser.pt") if stage == 2 else None
+        seg = imsct_weights.load("tumour", file=weights)
+        loc = imsct_weights.load("localiser", args.models) if stage == 2 else None
         print(f"{arm}: evaluating {weights} on {heldout}", flush=True)
         cpu0 = time.process_time()
         summary = CohortEvaluator(Cascade(loc, seg), str(heldout), str(out / f"eval_stage{stage}"), write_predictions=False).run()

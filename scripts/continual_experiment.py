@@ -28,16 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from imsct.bids import find_cases  # noqa: E402
 from imsct.continual import LabelledCase, init_state, retrain_round  # noqa: E402

@@ -14,20 +14,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from imsct.evaluation import CohortEvaluator  # noqa: E402
 from imsct.phantoms import generate_dataset  # noqa: E402
-from imsct.runner import build_cascade  # noqa: E402
+from imsct.cascade import Cascade  # noqa: E402
+from imsct.labels import REPORT_ORDER  # noqa: E402
 
 
 def evaluate(models, data_dir, cases: int, seed: int, out_dir=None, t2_only: bool = False) -> dict:
     data_dir = Path(data_dir)
     if not (data_dir / "participants.tsv").exists():
         generate_dataset(data_dir, cases, seed)
-    ev = CohortEvaluator(build_cascade(Path(models), t2_only=t2_only), str(data_dir), str(out_dir or data_dir.parent / (data_dir.name + "_eval")))
+    ev = CohortEvaluator(Cascade.from_models(models, t2_only=t2_only), str(data_dir), str(out_dir or data_dir.parent / (data_dir.name + "_eval")))
     summary = ev.run()
-    keys = [f"{c}_dice_mean" for c in ("whole-tumor", "tumor", "edema", "cavity")] + ["stage1_dice_mean", "lesion_voxels_in_box", "subjects_lesions_fully_in_box", "seconds_per_case_mean"]
+    keys = [f"{c}_dice_mean" for c in REPORT_ORDER] + ["stage1_dice_mean", "lesion_voxels_in_box", "subjects_lesions_fully_in_box", "seconds_per_case_mean"]
     print(json.dumps({k: (round(summary[k], 4) if isinstance(summary[k], float) else summary[k]) for k in keys}))
     return summary
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--seed", type=int, default=9000)
-    ap.add_argument("--t2-only", action="store_true", help="the T2w-only network (model_t2only.pt), T1w ignored")
+    ap.add_argument("--t2-only", action="store_true", help="the T2w-only network, T1w ignored")
     args = ap.parse_args(argv)
     evaluate(args.models, args.data, args.cases, args.seed, args.out, args.t2_only)
     return 0

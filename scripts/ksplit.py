@@ -26,13 +26,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from bundle_train import log_span_s, parse_log, seconds_per_iteration, start_bundle_training  # noqa: E402
 from imsct.io import write_text_atomically  # noqa: E402
 
-CLASSES = ("tumor", "edema", "cavity", "whole-tumor")
+from imsct.labels import CLASSES  # noqa: E402
 METRICS = ("dice", "tpr_detection", "fpr_detection", "precision", "recall", "avd", "rvd")
 
 
@@ -141,9 +139,8 @@ def main(argv=None) -> int:
     from imsct.bids import find_cases
     from imsct.cascade import Cascade
     from imsct.evaluation import evaluate_case, summarise, write_report
-    from imsct.networks import localiser, tumour_network
+    from imsct import weights
     from imsct.phantoms import generate_dataset
-    from imsct.training import load_weights
     import torch
 
     torch.set_num_threads(args.threads)
@@ -204,7 +201,7 @@ def main(argv=None) -> int:
         if failed:
             print(f"split {split}: training failed, see {sdir}/stage*.log", file=sys.stderr)
             return 1
-        cascade = Cascade(load_weights(localiser(), sdir / "stage1" / "best.pt"), load_weights(tumour_network(), sdir / "stage2" / "best.pt"))
+        cascade = Cascade(weights.load("localiser", file=sdir / "stage1" / "best.pt"), weights.load("tumour", file=sdir / "stage2" / "best.pt"))
         t_eval = time.time()
         rows = [evaluate_case(cascade, c)[0] for c in test]
         summary = summarise(rows)

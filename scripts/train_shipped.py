@@ -23,8 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from bundle_train import parse_log, start_bundle_training  # noqa: E402
 
@@ -52,9 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-seed", type=int, default=9000)
     args = ap.parse_args(argv)
 
-    from imsct.networks import localiser, tumour_network
+    from imsct import weights
     from imsct.phantoms import generate_dataset
-    from imsct.training import load_weights, save_weights
 
     work = Path(args.work)
     data, cache = work / "train", work / "cache"
@@ -90,9 +87,9 @@ def main(argv=None) -> int:
             return rc
 
     models = Path(args.models)
-    for stage, factory, name in ((1, localiser, "localiser.pt"), (2, tumour_network, "model.pt")):
-        net = load_weights(factory(), work / f"stage{stage}" / "best.pt")
-        save_weights(net, models / name)
+    for stage in (1, 2):
+        m = weights.stage_model(stage)
+        weights.save_weights(weights.load(m.key, file=work / f"stage{stage}" / "best.pt"), m.path(models))
     record = {
         "command": "python scripts/train_shipped.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "training_data": {"generator": f"python -m imsct.phantoms --out {data} --cases {args.cases} --seed {args.seed}",
@@ -103,13 +100,12 @@ def main(argv=None) -> int:
                          "selected": "best.pt (highest validation mean Dice)", **parse_log(logs[stage].read_text())}
             for stage in plans
         },
-        "weights": {"localiser.pt": "stage 1, float16 state dict", "model.pt": "stage 2, float16 state dict"},
+        "weights": {weights.stage_model(s).filename: f"stage {s}, float16 state dict" for s in (1, 2)},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
     }
     (models / "provenance.json").write_text(json.dumps(record, indent=1))
     if args.eval_cases:
-        sys.path.insert(0, str(ROOT / "scripts"))
         from evaluate_heldout import evaluate
 
         summary = evaluate(models, work / "heldout", args.eval_cases, args.eval_seed, work / "heldout_eval")

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from bundle_train import parse_log, start_bundle_training  # noqa: E402
 
-KEYS = ("whole-tumor", "tumor", "edema", "cavity")
-WEIGHTS = {"two_contrast": "model.pt", "t2_only": "model_t2only.pt"}
+from imsct import weights  # noqa: E402
+from imsct.labels import REPORT_ORDER as KEYS  # noqa: E402
+
+WEIGHTS = {"two_contrast": weights.spec("tumour").filename, "t2_only": weights.spec("tumour_t2only").filename}
 
 
 def main(argv=None) -> int:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-cases", type=int, default=20)
     ap.add_argument("--eval-seed", type=int, default=9000)
-    ap.add_argument("--skip-train", action="store_true", help="only (re-)evaluate the existing model_t2only.pt")
+    ap.add_argument("--skip-train", action="store_true", help="only (re-)evaluate the existing T2w-only weights")
     args = ap.parse_args(argv)
 
     work, models = Path(args.work), Path(args.models)
@@ -56,17 +56,14 @@ def main(argv=None) -> int:
         t0 = time.time()
         proc, cmd = start_bundle_training(
             log, args.threads, dataset_dir=work / "train", output_dir=out, cache_dir=work / "cache", stage=2,
-            finetune=True, finetune_ckpt=models / "model.pt", t1_dropout=1.0, seed=args.seed, val_fraction=args.val_fraction,
+            finetune=True, finetune_ckpt=weights.path("tumour", models), t1_dropout=1.0, seed=args.seed, val_fraction=args.val_fraction,
             val_interval=args.val_interval, epochs=args.epochs, samples_per_epoch=args.samples, batch_size=args.batch,
             patch_size=args.patch)
         print(f"training, log in {log}", flush=True)
         if proc.wait() != 0:
             print(f"training failed; see {log}", file=sys.stderr)
             return 1
-        from imsct.networks import tumour_network
-        from imsct.training import load_weights, save_weights
-
-        save_weights(load_weights(tumour_network(), out / "best.pt"), models / "model_t2only.pt")
+        weights.save_weights(weights.load("tumour_t2only", file=out / "best.pt"), weights.path("tumour_t2only", models))
         record = {
             "command": "python scripts/train_t2only.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "start": "bundle/models/model.pt (the shipped two-contrast network), fine-tuned with the T1w channel always zero",

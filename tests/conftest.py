@@ -1,30 +1,31 @@
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundle"
+from support.paths import ROOT
+
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
-    """Two generated subjects in a BIDS folder (seed never used for the shipped weights)."""
+    """Two generated subjects in a BIDS folder (seed never used for the shipped weights), their T2w
+    matrix capped at 1.5 M voxels (a quarter of the default): every test on them is about behaviour,
+    not size, and the suite must stay fast on slow CPUs."""
     from imsct.phantoms import generate_dataset
 
     out = tmp_path_factory.mktemp("phantoms")
-    generate_dataset(out, cases=2, seed=424242)
+    generate_dataset(out, cases=2, seed=424242, max_voxels=1_500_000)
     return out
 
 
 @pytest.fixture(scope="session")
 def cascade():
-    from imsct.runner import build_cascade
+    from imsct.cascade import Cascade
 
     # float32: geometry and export checks compare outputs to 1e-3; the bfloat16 default path is
     # exercised by the command line, bundle and app tests and compared with this one in test_cascade_fast_path
-    return build_cascade(BUNDLE / "models", keep_probabilities=True, amp=False)
+    return Cascade.from_models(keep_probabilities=True, precision="float32")

@@ -37,9 +37,8 @@ def __getattr__(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
 
-    from ..io import InputError, load_volume
+    from ..io import InputError, load_volume, same_grid
     from ..morphometrics import load_levels, measure, read_labelmap, write_tables
 
     levels = load_levels(args.levels) if args.levels else None
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     cord = None
     if args.cord:
         vol = load_volume(args.cord, "cord mask")
-        if vol.shape != labelmap.shape or not np.allclose(vol.affine, affine, atol=1e-3):
+        if not same_grid(vol, (labelmap.shape, affine)):
             raise InputError(f"cord mask {args.cord}: grid {vol.shape} differs from the label map's {labelmap.shape} (shape or affine)")
         cord = vol.data > 0
         if not cord.any():

@@ -14,18 +14,11 @@ EXAMPLE = ("imsct segment --t2 sub-001_T2w.nii.gz --t1 sub-001_T1w.nii.gz -o seg
 STAGES = ("load + resample", "localise cord", "segment", "post-process + save")
 
 
-def default_models_dir() -> Path:
-    """The shipped weights: ``bundle/models`` beside the installed package."""
-    import imsct
-
-    return Path(imsct.__file__).resolve().parents[1] / "bundle" / "models"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t2", required=True, metavar="T2W", help="T2-weighted image (NIfTI); outputs are on its grid")
     parser.add_argument("--t1", metavar="T1W", help="gadolinium-enhanced T1-weighted image (NIfTI); any grid overlapping the T2w")
     parser.add_argument("-o", "--output", metavar="DIR", help="output folder (default: the T2w's folder)")
-    parser.add_argument("--models", metavar="DIR", help="folder with localiser.pt and model.pt (default: the shipped bundle/models)")
+    parser.add_argument("--models", metavar="DIR", help="models folder (default: the shipped bundle/models; see imsct.weights)")
     parser.add_argument("--thr", type=float, default=0.5, help="probability threshold (default 0.5)")
     parser.add_argument("--remove-small", metavar="CM3",
                         help="drop components smaller than this (cm3): one value for every class or per class, "
@@ -37,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="network arithmetic: auto (default) = bfloat16 where the CPU/GPU runs it natively "
                              "(about 2x faster, same masks on phantoms), else float32")
-    parser.add_argument("--t2-only", action="store_true", help="no T1w: use the T2w-only model (model_t2only.pt)")
+    parser.add_argument("--t2-only", action="store_true", help="no T1w: use the T2w-only stage-2 model")
     parser.add_argument("--register-t1", action="store_true", help="align the T1w onto the T2w (rigid, ITK) before segmenting")
     parser.add_argument("--morphometrics", action="store_true", help="also write <name>_morphometrics.csv and .json")
     parser.add_argument("--levels", metavar="JSON",
@@ -89,8 +82,8 @@ def _check_device(device: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_progress(cascade, enabled: bool):
-    """A tqdm bar over the cascade's stages on stderr (and MONAI's sliding-window bar inside)."""
+def stage_progress(enabled: bool):
+    """A tqdm bar over the cascade's stages on stderr; yields the ``on_stage`` hook for the cascade's call."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(STAGES), desc=STAGES[0], file=sys.stderr, disable=not enabled, unit="stage", leave=True)
@@ -101,16 +94,10 @@ def stage_progress(cascade, enabled: bool):
             bar.set_description(STAGES[min(to, len(STAGES) - 1)])
 
     index = {"localise": 1, "segment": 2, "postprocess": 3, "done": 3}
-    old_hook, old_progress = cascade.on_stage, getattr(cascade.inferer, "progress", False)
-    if enabled:
-        cascade.on_stage = lambda stage: advance(index[stage])
-        cascade.inferer.progress = True
     try:
-        yield bar
+        yield (lambda stage: advance(index[stage])) if enabled else None
         advance(len(STAGES))
     finally:
-        cascade.on_stage = old_hook
-        cascade.inferer.progress = old_progress
         bar.close()
 
 
@@ -140,17 +127,14 @@ def run(args: argparse.Namespace) -> int:
         from ..morphometrics import load_levels
 
         levels = load_levels(args.levels)
-    models = Path(args.models) if args.models else default_models_dir()
-    if not models.is_dir():
-        raise InputError(f"models folder {models}: not found")
-    for f in ("localiser.pt", "model_t2only.pt" if args.t2_only else "model.pt"):
-        if not (models / f).is_file():
-            raise InputError(f"models folder {models}: {f} not found")
+    from ..weights import CASCADE_MODELS, check_present
+
+    models = check_present(CASCADE_MODELS[args.t2_only], args.models)
     # read (and check) the images once, before loading the models: bad input fails in about a second
     t2_vol = load_volume(t2, "T2w")
     t1_vol = load_volume(t1, "T1w") if t1 is not None else None
 
-    from ..runner import build_cascade, output_paths, segment_volumes
+    from ..labels import output_paths
 
     out_dir = Path(args.output) if args.output else t2.parent
     if out_dir.exists() and not out_dir.is_dir():
@@ -162,13 +146,15 @@ def run(args: argparse.Namespace) -> int:
     if clash:
         raise InputError(f"output {clash[0]}: would overwrite an input; choose another folder with -o")
 
-    cascade = build_cascade(models, device=args.device, t2_only=args.t2_only, threshold=args.thr,
-                            min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes,
-                            amp={"auto": "auto", "float32": False, "bfloat16": True}[args.precision])
+    from ..cascade import Cascade
+    from ..inference import segment_volumes
+
+    cascade = Cascade.from_models(models, t2_only=args.t2_only, device=args.device, precision=args.precision,
+                                  threshold=args.thr, min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes)
     show = args.progress or sys.stderr.isatty()
-    with stage_progress(cascade, show):
+    with stage_progress(show) as on_stage:
         info = segment_volumes(cascade, t2_vol, t1_vol, out_dir, name, probabilities=args.probabilities,
-                               register_t1=args.register_t1 and t1_vol is not None)
+                               register_t1=args.register_t1 and t1_vol is not None, on_stage=on_stage, progress=show)
 
     outputs = {k: Path(v) for k, v in info["outputs"].items()}
     if args.morphometrics or levels is not None:

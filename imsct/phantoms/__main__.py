@@ -1,27 +1,8 @@
-"""Command line: ``python -m imsct.phantoms --out DIR --cases N --seed S`` (same as ``imsct phantoms``)."""
+"""``python -m imsct.phantoms``: the same as ``imsct phantoms``."""
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from ..commands import phantoms as command
-from ..io import InputError
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m imsct.phantoms", description=command.HELP,
-        epilog=f"example: {command.EXAMPLE}",
-    )
-    command.add_arguments(ap)
-    args = ap.parse_args(argv)
-    try:
-        return command.run(args)
-    except InputError as exc:
-        print(f"python -m imsct.phantoms: error: {exc}", file=sys.stderr)
-        return 2
-
+from ..cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["phantoms", *sys.argv[1:]]))

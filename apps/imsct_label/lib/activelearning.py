@@ -18,12 +18,9 @@ import random
 import time
 
 import numpy as np
-import torch
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from imsct.cascade import Cascade
-from imsct.geometry import resample, working_grid
-from imsct.io import InputError, Volume, load_volume
+from imsct.io import InputError, load_volume
 
 from .contrasts import MissingContrast, t1_path
 from .infer import remember_box
@@ -53,30 +50,6 @@ class RandomStrategy(Strategy):
         return {"id": images[k], "weight": weights[k]}
 
 
-def mc_dropout_score(cascade: Cascade, t2: Volume, t1: Volume, samples: int, box=None, seed: int = 0) -> tuple[float, tuple]:
-    """Mean voxel variance of stage 2's outputs over ``samples`` dropout passes inside the stage-1
-    box (found here when ``box`` is None). Returns the score and the box."""
-    w_shape, w_aff = working_grid(t2.affine, t2.shape, cascade.spacing)
-    t2w = resample(t2.data, t2.affine, w_shape, w_aff).numpy()
-    if box is None:  # the cascade's own box (the whole field when no cord is found)
-        _, box = cascade.find_box(t2w)
-    crop, _ = cascade.stage2_input(t2w, w_aff, box, t1)
-    dropouts = [m for m in cascade.segmenter.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
-    if not dropouts:
-        raise InputError("the stage-2 network has no dropout layer: Monte-Carlo dropout is not possible")
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for m in dropouts:
-            m.train()
-        runs = np.stack([cascade.segment_crop(crop) for _ in range(samples)])
-    finally:
-        for m in dropouts:
-            m.eval()
-        torch.random.set_rng_state(state)
-    return float(runs.var(axis=0).mean()), box
-
-
 class MCDropoutUncertainty(Strategy):
     """Most uncertain unlabelled case first (Monte-Carlo dropout on the cascade)."""
 
@@ -94,11 +67,11 @@ class MCDropoutUncertainty(Strategy):
         t1 = load_volume(t1_path(datastore, image_id), "T1w")
         with self.store.lock:
             cascade = self.store.cascade()
-            loc_sha = self.store.version()["localiser.pt"]["sha256"]
+            loc_sha = self.store.version()["localiser"]["sha256"]
             b = info.get("imsct_stage1_box") or {}
             box = (np.asarray(b["lo"]), np.asarray(b["hi"])) if b.get("localiser") == loc_sha else None
             t0 = time.perf_counter()
-            score, box_used = mc_dropout_score(cascade, t2, t1, self.samples, box)
+            score, box_used = cascade.mc_dropout(t2, t1, self.samples, box)
         if box is None:
             remember_box(datastore, image_id, box_used, loc_sha)
         datastore.update_image_info(image_id, {"uncertainty": {

@@ -9,6 +9,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from imsct.weights import DEFAULT_MODELS_DIR
+
 DEFAULTS = {
     "models_dir": "",  # served weights; default <studies>/.imsct/models (seeded from shipped_models)
     "state_dir": "",  # retraining state (split, rounds, caches); default <studies>/.imsct/state
@@ -79,8 +81,12 @@ class AppConfig:
 
             logging.getLogger(__name__).warning("unknown --conf keys ignored: %s (known: %s)", unknown, sorted(DEFAULTS))
         c = {**DEFAULTS, **{k: str(v) for k, v in (conf or {}).items()}}
-        if studies.startswith(("http://", "https://")):  # remote datastore: keep the state beside the app
-            base = Path(app_dir) / "model" / hashlib.sha256(studies.encode()).hexdigest()[:12]
+        if studies.startswith(("http://", "https://")):
+            # remote datastore: served weights and state in the user's cache folder, never in the source tree
+            import os
+
+            home = Path(os.environ.get("IMSCT_LABEL_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imsct-label")
+            base = home / hashlib.sha256(studies.encode()).hexdigest()[:12]
         else:
             base = Path(studies) / ".imsct"
         device = c["device"]
@@ -95,7 +101,7 @@ class AppConfig:
         return cls(
             models_dir=Path(c["models_dir"]) if c["models_dir"] else base / "models",
             state_dir=Path(c["state_dir"]) if c["state_dir"] else base / "state",
-            shipped_models=Path(c["shipped_models"]) if c["shipped_models"] else Path(app_dir).resolve().parents[1] / "bundle" / "models",
+            shipped_models=Path(c["shipped_models"]) if c["shipped_models"] else DEFAULT_MODELS_DIR,
             device=device,
             retrain_after=_number(c, "retrain_after"),
             retrain_models=models,

@@ -42,11 +42,10 @@ from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
-from imsct.io import copy_atomically, replace_atomically
-from imsct.io import InputError, load_volume
+from imsct.io import InputError, copy_atomically, load_volume, replace_atomically, same_grid
 from imsct.labels import LABELS
 
-from .contrasts import local_t1_candidates, t1_destination
+from .contrasts import local_t1_candidates, local_t1_path, t1_destination
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,12 @@ class TwoContrastDatastore(LocalDatastore):
         # one lock object: re-entrant within a thread (LocalDatastore's methods take a new FileLock
         # each time, which would wait for itself when nested); still exclusive between threads and processes
         self._write_lock = FileLock(os.path.join(datastore_path, ".lock"))
+        self.studies_root = Path(datastore_path)  # kept here: LocalDatastore has no public accessor
         super().__init__(datastore_path, *args, datastore_config=datastore_config, **kwargs)
+
+    def t1_path(self, image_id: str) -> str:
+        """The case's Gd-T1w: ``<studies>/T1w/<image id>.nii.gz`` (see :mod:`lib.contrasts`)."""
+        return local_t1_path(self.studies_root, image_id)
         handler = getattr(self, "_handler", None)  # auto reload: the listing is now renamed into place, not modified
         if handler is not None:
             handler.on_moved = self._on_moved_event
@@ -141,10 +145,10 @@ class TwoContrastDatastore(LocalDatastore):
         if contrast == "T1w":
             if not image_id:
                 raise HTTPException(422, "a T1w upload needs the image id of its T2w")
-            existing = [p for p in local_t1_candidates(self, image_id) if p.exists()]
+            existing = [p for p in local_t1_candidates(self.studies_root, image_id) if p.exists()]
             if existing and not overwrite:
                 raise HTTPException(409, f"image '{image_id}' already has a T1w ({existing[0]}); pass {{\"overwrite\": true}} to replace it")
-            dest = t1_destination(self, image_id, os.path.basename(image_filename))
+            dest = t1_destination(self.studies_root, image_id, os.path.basename(image_filename))
             copy_atomically(image_filename, dest)
             for p in existing:  # a replaced T1w with the other extension
                 if p != dest:
@@ -189,7 +193,7 @@ class TwoContrastDatastore(LocalDatastore):
 
     def remove_image(self, image_id: str) -> None:
         super().remove_image(image_id)
-        for p in local_t1_candidates(self, image_id):
+        for p in local_t1_candidates(self.studies_root, image_id):
             Path(p).unlink(missing_ok=True)
 
 
@@ -215,7 +219,7 @@ def check_label(label_file: str, image_file: str, image_id: str, tag: str) -> No
     role = f"{tag} label of '{image_id}'"
     lab = load_volume(label_file, role)
     img = nib.load(image_file)
-    if lab.shape != tuple(img.shape[:3]) or not np.allclose(lab.affine, img.affine, atol=1e-3):
+    if not same_grid(lab, img):
         raise InputError(f"{role}: grid {lab.shape} does not match its T2w {tuple(img.shape[:3])} ({image_file}); "
                          "a label must be saved on its image's grid")
     allowed = LABEL_VALUES.get(tag)

@@ -75,6 +75,10 @@ def _value(ds_json: dict, tag: str, default: Any = "") -> Any:
 class ImsctDICOMWebDatastore(DICOMWebDatastore):
     """monailabel's DICOMweb datastore listing T2w MR series only and saving labels as IMSCT DICOM SEG."""
 
+    def t1_path(self, image_id: str) -> str:
+        """The case's Gd-T1w as a local NIfTI (:func:`fetch_t1`)."""
+        return fetch_t1(self, image_id)
+
     def __init__(self, client, t2_description: str = T2W_DESCRIPTION, t1_description: str = T1W_DESCRIPTION,
                  extra_filter: Optional[Dict[str, Any]] = None, cache_path: Optional[str] = None):
         self.t2_description = t2_description

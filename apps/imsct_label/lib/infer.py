@@ -8,7 +8,6 @@ series that do not overlap) is answered with HTTP 422 and the library's message.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import tempfile
@@ -20,8 +19,7 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from imsct.geometry import resample, to_working, working_grid
-from imsct.io import InputError, Volume, load_volume, save_volume, voxel_volume_mm3
+from imsct.io import InputError, Volume, load_volume, same_grid, save_volume, voxel_volume_mm3
 from imsct.labels import COLOURS, LABELS
 
 from .contrasts import MissingContrast, t1_path
@@ -98,7 +96,7 @@ class _IMSCTInfer(InferTask):
         return self.store.is_valid()
 
     def get_path(self, validate=True):
-        p = self.store.paths()["model.pt"]
+        p = self.store.paths()["tumour"]
         return str(p) if (p.exists() or not validate) else None
 
     def info(self) -> dict:
@@ -153,7 +151,7 @@ class CascadeInfer(_IMSCTInfer):
 
     def run(self, cascade, image_id, t2, t1):
         res = cascade(t2, t1)
-        remember_box(self.datastore(), image_id, res.box_working, self.store.version()["localiser.pt"]["sha256"])
+        remember_box(self.datastore(), image_id, res.box_working, self.store.version()["localiser"]["sha256"])
         box = {"lo": [int(v) for v in res.box_working[0]], "hi": [int(v) for v in res.box_working[1]]}
         return res.labelmap, {"cord_found": res.cord_found, "stage1_box": box, "timings": res.timings}
 
@@ -168,11 +166,9 @@ class LocaliserInfer(_IMSCTInfer):
         super().__init__(store, datastore, "IMSCT stage 1 alone: spinal cord region from the T2w")
 
     def run(self, cascade, image_id, t2, t1):
-        w_shape, w_aff = working_grid(t2.affine, t2.shape, cascade.spacing)
-        cord_w, box = cascade.find_box(resample(t2.data, t2.affine, w_shape, w_aff).numpy())  # the box the cascade would crop
-        cord = to_working(cord_w, w_aff, t2.shape, t2.affine, label=True)
-        remember_box(self.datastore(), image_id, box, self.store.version()["localiser.pt"]["sha256"])
-        return (cord > 0).astype(np.uint8), {"cord_found": bool(cord_w.any())}
+        w, cord_w, box = cascade.locate(t2)  # the box the cascade would crop
+        remember_box(self.datastore(), image_id, box, self.store.version()["localiser"]["sha256"])
+        return cascade.cord_to_native(cord_w, w, t2), {"cord_found": bool(cord_w.any())}
 
 
 class TumourInfer(_IMSCTInfer):
@@ -186,14 +182,10 @@ class TumourInfer(_IMSCTInfer):
         if not uri:
             raise InputError(f"image '{image_id}': no cord label (tag '{CORD_TAG}'); save one with that tag, or use the cascade model")
         cord = load_volume(uri, "cord label")
-        if cord.shape != t2.shape or not np.allclose(cord.affine, t2.affine, atol=1e-3):
+        if not same_grid(cord, t2):
             raise InputError(f"cord label {uri}: grid {cord.shape} differs from the T2w's {t2.shape} ({t2.path}); a label must be on its image's grid")
-        w_shape, w_aff = working_grid(t2.affine, t2.shape, cascade.spacing)
-        cord_w = to_working((cord.data > 0.5).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
-        if not cord_w.any():
+        if not (cord.data > 0.5).any():
             raise InputError(f"cord label {uri}: empty")
-        given = copy.copy(cascade)  # same networks; stage 1 replaced by the annotator's cord
-        given.localise = lambda _t2w: cord_w
-        res = given(t2, t1)
+        res = cascade(t2, t1, cord=cord)  # same networks; stage 1 replaced by the annotator's cord
         box = {"lo": [int(v) for v in res.box_working[0]], "hi": [int(v) for v in res.box_working[1]]}
         return res.labelmap, {"cord_label": uri, "stage1_box": box, "timings": res.timings}

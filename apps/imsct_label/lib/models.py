@@ -1,6 +1,6 @@
 """The served weights: one folder, seeded from the bundle's shipped weights, reloaded on change.
 
-Retraining publishes new ``localiser.pt`` / ``model.pt`` into the same folder by atomic rename;
+Retraining publishes new weights (the files of :data:`imsct.weights.CASCADE_MODELS`) into the same folder by atomic rename;
 every inference checks the files' modification times and rebuilds the cascade when they changed,
 so a published model is served without restarting the server.
 """
@@ -14,17 +14,17 @@ from pathlib import Path
 
 from imsct.cascade import Cascade
 from imsct.io import copy_atomically
-from imsct.runner import build_cascade
+from imsct.weights import CASCADE_MODELS, spec
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("localiser.pt", "model.pt")
+SERVED = CASCADE_MODELS[False]  # model keys of imsct.weights the app serves and retrains
 
 
 def seed_models(models_dir: Path, shipped_dir: Path) -> None:
     """Copy the shipped weights into ``models_dir`` where a file is missing (never overwrites)."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    for name in (*WEIGHT_FILES, "provenance.json"):
+    for name in (*(spec(k).filename for k in SERVED), "provenance.json"):
         dst, src = models_dir / name, shipped_dir / name
         if not dst.exists() and src.exists():
             copy_atomically(src, dst)
@@ -52,7 +52,8 @@ class ModelStore:
         self.refused: dict | None = None  # {"files": stamp, "reason": str} of the last refused change
 
     def paths(self) -> dict[str, Path]:
-        return {name: self.models_dir / name for name in WEIGHT_FILES}
+        """Served weight file per model key (``localiser``, ``tumour``)."""
+        return {key: spec(key).path(self.models_dir) for key in SERVED}
 
     def is_valid(self) -> bool:
         return all(p.is_file() for p in self.paths().values())
@@ -65,15 +66,16 @@ class ModelStore:
         return tuple(out)
 
     def version(self) -> dict[str, dict]:
-        """Per served weight file: modification time and a short SHA-256 (cached per mtime and size)."""
+        """Per served model (key of :mod:`imsct.weights`): file name, modification time and a short SHA-256 (cached per mtime and size)."""
         if self.refused is not None and self._served_version is not None and self._stamps() == self.refused["files"]:
             return self._served_version
         out = {}
+        paths = self.paths()
         for name, mtime_ns, size in self._stamps():
             key = (name, mtime_ns, size)
             if key not in self._digests:
-                self._digests[key] = hashlib.sha256((self.models_dir / name).read_bytes()).hexdigest()[:16]
-            out[name] = {"modified_time": mtime_ns / 1e9, "sha256": self._digests[key]}
+                self._digests[key] = hashlib.sha256(paths[name].read_bytes()).hexdigest()[:16]
+            out[name] = {"file": paths[name].name, "modified_time": mtime_ns / 1e9, "sha256": self._digests[key]}
         return out
 
     def version_key(self) -> str:
@@ -89,7 +91,7 @@ class ModelStore:
                     return self._cascade  # this change was refused already: keep serving
                 log.info("loading weights from %s (%s)", self.models_dir, stamp)
                 try:
-                    cascade = build_cascade(self.models_dir, device=self.device, **self.cascade_kw)
+                    cascade = Cascade.from_models(self.models_dir, device=self.device, **self.cascade_kw)
                 except Exception as exc:  # noqa: BLE001 - any unreadable weight file
                     reason = f"weights in {self.models_dir} could not be loaded: {type(exc).__name__}: {exc}"
                     self.refused = {"files": stamp, "reason": reason[:2000]}

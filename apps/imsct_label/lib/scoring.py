@@ -19,7 +19,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from imsct.io import InputError, load_volume
 from imsct.metrics import dice
-from imsct.postprocess import split_masks
+from imsct.labels import split_masks
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orthanc_server import OrthancServer, missing_reason
-from servers import APP_DIR, MonaiLabelServer
-
+from .orthanc import OrthancServer, missing_reason
+from .servers import APP_DIR, MonaiLabelServer
 
 
 def stack_missing_reason() -> str | None:

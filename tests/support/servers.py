@@ -15,8 +15,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = ROOT / "apps" / "imsct_label"
+from .paths import APP_DIR, ROOT  # noqa: F401
 
 
 def free_port() -> int:

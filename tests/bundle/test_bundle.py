@@ -9,16 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE
-
-OUTPUT_SUFFIXES = ["_seg-tumor", "_seg-edema", "_seg-cavity", "_seg-whole-tumor", "_seg-imsct"]
-
-
-def run_bundle(dataset, output, *extra):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-           "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
-           "--dataset_dir", str(dataset), "--output_dir", str(output), *extra]
-    return subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=900)
+from support.cases import OUTPUT_SUFFIXES, run_bundle
+from support.paths import BUNDLE
 
 
 def copy_case(src_dir, dst_root, sub_src, sub_dst):
@@ -137,19 +129,26 @@ def test_verify_net_in_out(net_id, fmt):
     os.chdir(BUNDLE)
     try:
         verify_net_in_out(net_id=net_id, meta_file="configs/metadata.json", config_file="configs/inference.json",
-                          device="cpu", n=2, **{"_meta_#network_data_format": meta[fmt]})
+                          device="cpu", **{"_meta_#network_data_format": meta[fmt]})
     finally:
         os.chdir(cwd)
+
+
+def test_verify_net_in_out_as_the_metadata_says():
+    """MONAI's own check, run exactly as a user would from the bundle folder (default n=1)."""
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+                           "configs/metadata.json", "--config_file", "configs/inference.json"],
+                          cwd=BUNDLE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_checkpoints_load_on_cpu():
     import torch
 
-    from imsct.networks import localiser, tumour_network
-    from imsct.training import load_weights
+    from imsct import weights
 
-    for factory, name in ((localiser, "localiser.pt"), (tumour_network, "model.pt")):
-        net = load_weights(factory(), BUNDLE / "models" / name)
+    for key in weights.MODELS:
+        net = weights.load(key)
         assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in net.parameters())
 
 

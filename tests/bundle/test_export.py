@@ -6,28 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE
+from support.paths import BUNDLE
 from imsct.cascade import Cascade
-from imsct.export import export_models, load_exported
+from imsct import weights
+from imsct.weights import export_models
 from imsct.io import load_volume
-from imsct.networks import localiser, tumour_network
-from imsct.training import load_weights
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("exported")
-    for name in ("localiser.pt", "model.pt"):
-        shutil.copy(BUNDLE / "models" / name, d / name)
+    for key in weights.MODELS:  # every model of the table, the T2w-only one included
+        shutil.copy(weights.path(key), weights.path(key, d))
     export_models(d)
     return d
 
 
-@pytest.mark.parametrize("stem,factory,channels", [("localiser", localiser, 1), ("model", tumour_network, 2)])
-@pytest.mark.parametrize("ext", [".ts", ".onnx"])
-def test_exported_matches_eager(exported, stem, factory, channels, ext):
-    eager = load_weights(factory(), exported / f"{stem}.pt").eval()
-    net = load_exported(exported / f"{stem}{ext}")
+@pytest.mark.parametrize("key", list(weights.MODELS))
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_exported_matches_eager(exported, key, backend):
+    eager = weights.load(key, exported)
+    net = weights.load_backend(key, exported, backend)
+    stem, ext, channels = key, backend, weights.spec(key).in_channels
     torch.manual_seed(1)
     for shape in ((64, 64, 32), (128, 96, 32)):  # dynamic spatial size
         x = torch.randn(1, channels, *shape)
@@ -45,10 +45,10 @@ def test_exported_matches_eager(exported, stem, factory, channels, ext):
 def test_monai_ckpt_export_route(exported, tmp_path):
     out = tmp_path / "model_monai.ts"
     subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(out),
-                    "--ckpt_file", str(exported / "model.pt"), "--meta_file", "configs/metadata.json",
+                    "--ckpt_file", str(weights.path("tumour", exported)), "--meta_file", "configs/metadata.json",
                     "--config_file", "configs/inference.json"], cwd=BUNDLE, check=True, capture_output=True)
     ts = torch.jit.load(str(out), map_location="cpu")
-    eager = load_weights(tumour_network(), exported / "model.pt").eval()
+    eager = weights.load("tumour", exported)
     x = torch.randn(1, 2, 64, 64, 32)
     with torch.no_grad():
         assert (ts(x) - eager(x)).abs().max().item() < 1e-4
@@ -57,7 +57,7 @@ def test_monai_ckpt_export_route(exported, tmp_path):
 def test_cascade_runs_from_onnx(exported, phantom_dir, cascade):
     t2 = load_volume(next(phantom_dir.glob("sub-002/anat/*_T2w.nii.gz")))
     t1 = load_volume(next(phantom_dir.glob("sub-002/anat/*_T1w.nii.gz")))
-    onnx = Cascade(load_exported(exported / "localiser.onnx"), load_exported(exported / "model.onnx"), keep_probabilities=True)
+    onnx = Cascade.from_models(exported, backend="onnx", keep_probabilities=True)
     a, b = cascade(t2, t1), onnx(t2, t1)  # both float32
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-3
     assert (a.labelmap != b.labelmap).mean() < 1e-4

@@ -211,7 +211,7 @@ def test_cli_morphometrics_refuses_bad_label_content(case, tmp_path, capsys, cli
 # ---- bundle ---------------------------------------------------------------------------------------
 
 def test_bundle_reports_each_bad_case_and_keeps_earlier_outputs(case, tmp_path):
-    from test_bundle import OUTPUT_SUFFIXES, run_bundle
+    from support.cases import OUTPUT_SUFFIXES, run_bundle
 
     ds, out = tmp_path / "ds", tmp_path / "out"
     problems: dict[str, tuple[Path, str]] = {}
@@ -267,7 +267,7 @@ def server(case, tmp_path_factory):
     sub-far (T1w 2 m away); uploads above 1 MB refused."""
     pytest.importorskip("monailabel.client")
     from monailabel.client import MONAILabelClient
-    from servers import MonaiLabelServer
+    from support.servers import MonaiLabelServer
 
     studies = tmp_path_factory.mktemp("bad_input_studies")
     (studies / "T1w").mkdir()

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import BUNDLE
+from imsct import weights
+from support.paths import BUNDLE
 
 TINY = ["--samples_per_epoch", "2", "--val_fraction", "0.5", "--num_workers", "0"]
 
@@ -42,10 +43,9 @@ def test_stage2_one_epoch(stage2_run):
     assert "val_mean_dice" in log
     ckpt = torch.load(next(out.glob("checkpoint*.pt")), map_location="cpu", weights_only=False)
     assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "trainer"} and epoch_of(ckpt) == 1
-    from imsct.networks import tumour_network
-    from imsct.training import load_weights
+    from imsct import weights
 
-    load_weights(tumour_network(), out / "best.pt")  # the best model loads into the served network
+    weights.load("tumour", file=out / "best.pt")  # the best model loads into the served network
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard logs"
     assert list((out / "cache").glob("*.npz"))
 
@@ -62,16 +62,15 @@ def test_resume_continues_from_saved_epoch(stage2_run, phantom_dir):
 def test_stage1_one_epoch(phantom_dir, tmp_path):
     log = train(phantom_dir, tmp_path, "--stage", "1", "--epochs", "1", "--batch_size", "1", "--patch_size", "[128,64,32]")
     assert losses(log) and all(math.isfinite(v) for v in losses(log))
-    from imsct.networks import localiser
-    from imsct.training import load_weights
+    from imsct import weights
 
-    load_weights(localiser(), tmp_path / "best.pt")
+    weights.load("localiser", file=tmp_path / "best.pt")
 
 
 def test_finetune_starts_from_shipped_weights(phantom_dir, tmp_path):
     train(phantom_dir, tmp_path, "--stage", "2", "--epochs", "1", "--batch_size", "1", "--patch_size", "[32,32,32]",
           "--finetune", "True", "--learning_rate", "0.0")
-    shipped = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    shipped = torch.load(weights.path("tumour"), map_location="cpu", weights_only=True)
     tuned = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
     assert shipped.keys() == tuned.keys()
     for k in shipped:

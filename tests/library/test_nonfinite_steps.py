@@ -11,6 +11,12 @@ from monai.losses import DiceLoss
 from imsct.training import AutocastInferer, NonFiniteGradientGuard, drop_gradients, gradients_finite
 
 
+@pytest.fixture(autouse=True)
+def _autocast_as_asked(monkeypatch):
+    """These tests need autocast on when they ask for it, also where IMSCT_PRECISION forces float32."""
+    monkeypatch.delenv("IMSCT_PRECISION", raising=False)
+
+
 class _NaNGradientUnderAutocast(torch.autograd.Function):
     """Identity whose gradient is NaN when the forward ran under autocast: the fault seen in
     bfloat16 convolution weight gradients on CPU, made deterministic."""

@@ -9,11 +9,7 @@ import SimpleITK as sitk
 from imsct import dicom
 from imsct.io import InputError, Volume, load_volume
 from imsct.labels import COLOURS, LABELS
-
-
-def canonical(vol: Volume):
-    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(vol.data), vol.affine))
-    return np.asarray(img.dataobj), img.affine
+from support.cases import assert_same_image, phantom_labelmap
 
 
 def oblique_volume() -> Volume:
@@ -39,14 +35,6 @@ def sitk_read(folder) -> Volume:
     lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
     lps[:3, 3] = img.GetOrigin()
     return Volume(sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float32), dicom.LPS @ lps, str(folder))
-
-
-def assert_same_image(got: Volume, want: Volume, tol: float):
-    gd, ga = canonical(got)
-    wd, wa = canonical(want)
-    assert gd.shape == wd.shape
-    np.testing.assert_allclose(ga, wa, atol=1e-3)
-    assert np.abs(gd.astype(np.float64) - wd).max() <= tol
 
 
 @pytest.mark.parametrize("which", ["phantom-0", "phantom-1", "oblique"])
@@ -133,20 +121,6 @@ def test_study_holds_t2_and_gd_t1(phantom_dir, tmp_path):
     again = dicom.write_study(phantom_dir / "sub-001/anat/sub-001_T2w.nii.gz", phantom_dir / "sub-001/anat/sub-001_T1w.nii.gz",
                               tmp_path / "again", "sub-001")
     assert (again.study_uid, again.t2_series_uid, again.t1_series_uid) == (s.study_uid, s.t2_series_uid, s.t1_series_uid)
-
-
-def phantom_labelmap(phantom_dir, sub="sub-001") -> Volume:
-    lab_dir = phantom_dir / "derivatives" / "labels" / sub / "anat"
-    ref = load_volume(lab_dir / f"{sub}_T2w_seg-tumor.nii.gz")
-    lm = np.zeros(ref.shape, np.uint8)
-    for name, idx in LABELS.items():
-        lm[load_volume(lab_dir / f"{sub}_T2w_seg-{name}.nii.gz").data > 0] = idx
-    # make sure every class is present: a small block of each missing class away from the lesion
-    for name, idx in LABELS.items():
-        if not (lm == idx).any():
-            i = 2 + 3 * idx
-            lm[i:i + 3, 2:5, 1:3] = idx
-    return Volume(lm, ref.affine, "labels")
 
 
 def test_seg_round_trip(phantom_dir, tmp_path):

@@ -15,11 +15,12 @@ import pytest
 from scipy import ndimage
 
 from imsct import cli
-from imsct.commands.segment import default_models_dir, parse_remove_small
+from imsct import weights
+from imsct.commands.segment import parse_remove_small
 from imsct.io import InputError, voxel_volume_mm3
 from imsct.labels import LABELS, SEG_SUFFIXES
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT  # noqa: E402
 SCRIPT = Path(sys.executable).parent / "imsct"
 IMSCT = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "imsct"]
 
@@ -218,7 +219,7 @@ def test_segment_bad_inputs(case, tmp_path, capsys):
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--remove-small", "tumour=0.2"], "tumour"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--device", "quantum"], "--device"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--device", "cuda:99"], "--device cuda:99"),
-        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--models", str(tmp_path)], "localiser.pt"),
+        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--models", str(tmp_path)], weights.spec("localiser").filename),
     ]:
         assert cli.main(["segment", *argv, "-o", str(out)]) == 2, argv
         assert needle in capsys.readouterr().err, argv
@@ -235,7 +236,7 @@ def test_segment_bad_inputs(case, tmp_path, capsys):
     assert digest(t1) == before and sorted(p.name for p in t2.parent.iterdir()) == ["x_T2w.nii.gz", "x_T2w_seg-tumor.nii.gz"]
 
 
-@pytest.mark.skipif(not (default_models_dir() / "model_t2only.pt").exists(), reason="model_t2only.pt not shipped")
+@pytest.mark.skipif(not weights.path("tumour_t2only").exists(), reason="T2w-only weights not shipped")
 def test_segment_t2_only(case, tmp_path, capsys):
     rc = cli.main(["segment", "--t2", str(case["t2"]), "--t2-only", "-o", str(tmp_path), "--remove-small", "0"])
     out = capsys.readouterr().out
@@ -251,9 +252,9 @@ def test_segment_t2_only(case, tmp_path, capsys):
 def test_t2_only_needs_its_weights(case, tmp_path, capsys):
     models = tmp_path / "models"
     models.mkdir()
-    (models / "localiser.pt").symlink_to(default_models_dir() / "localiser.pt")
+    weights.path("localiser", models).symlink_to(weights.path("localiser"))
     assert cli.main(["segment", "--t2", str(case["t2"]), "--t2-only", "--models", str(models), "-o", str(tmp_path)]) == 2
-    assert "model_t2only.pt" in capsys.readouterr().err
+    assert weights.spec("tumour_t2only").filename in capsys.readouterr().err
 
 
 def test_parse_remove_small():
@@ -266,5 +267,5 @@ def test_parse_remove_small():
 
 
 def test_default_models_dir_is_the_shipped_bundle():
-    assert default_models_dir() == ROOT / "bundle" / "models"
-    assert (default_models_dir() / "model.pt").exists()
+    assert weights.DEFAULT_MODELS_DIR == ROOT / "bundle" / "models"
+    assert all(weights.path(key).exists() for key in weights.MODELS)

@@ -29,11 +29,10 @@ pytest.importorskip("monailabel.client")
 from monailabel.client import MONAILabelClient  # noqa: E402
 from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
-from servers import MonaiLabelServer, free_port  # noqa: E402
-from test_label_app import _truth_labelmap  # noqa: E402
+from support.cases import save_truth_labelmap  # noqa: E402
+from support.servers import MonaiLabelServer, free_port  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "apps" / "imsct_label"
+from support.paths import APP_DIR as APP, ROOT  # noqa: E402
 
 
 def _load(name: str, path: Path):
@@ -115,7 +114,7 @@ def secured(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("auth_server")
     case = write_case(generate_case(626262, 0, max_voxels=300_000), root / "bids")
-    case["truth"] = _truth_labelmap(case, root / "truth.nii.gz")
+    case["truth"] = save_truth_labelmap(case, root / "truth.nii.gz")
     studies = root / "studies"
     (studies / "T1w").mkdir(parents=True)
     shutil.copy(case["t2"], studies / "sub-001.nii.gz")

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from conftest import BUNDLE
+from support.paths import BUNDLE
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run"]
 

@@ -17,11 +17,9 @@ from dicomweb_client import DICOMwebClient
 
 from imsct.io import load_volume, save_volume
 
-from test_dicom import phantom_labelmap
-from test_dicomweb import labelmap_on_image_grid
-from test_dicomweb import stack  # noqa: F401  (session fixture shared with test_dicomweb)
+from support.cases import labelmap_on_image_grid, phantom_labelmap
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT  # noqa: E402
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(os.environ.get("IMSCT_ARTIFACTS", ROOT / "work" / "artifacts"))
 WINDOW = (1400, 900)

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import requests
-from servers import LoggedServer, free_port, start_logged
+from .servers import LoggedServer, free_port, start_logged
 
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc", "/usr/lib/x86_64-linux-gnu/orthanc")

@@ -41,11 +41,12 @@ import pytest
 requests = pytest.importorskip("requests")
 pytest.importorskip("monailabel")
 
+from imsct import weights  # noqa: E402
 from imsct.bids import find_cases  # noqa: E402
 from imsct.evaluation import truth_labelmap  # noqa: E402
 from imsct.io import save_volume  # noqa: E402
 from imsct.labels import CORD_BOX_SUFFIX  # noqa: E402
-from servers import APP_DIR, MonaiLabelServer  # noqa: E402
+from support.servers import APP_DIR, MonaiLabelServer  # noqa: E402
 
 N_CASES = 50
 # MONAI Label 0.8.5 runs each request to its end on the event loop, one at a time: N inferences at
@@ -327,8 +328,9 @@ def test_training_killed_mid_round_leaves_everything_intact_and_the_next_round_p
 
     # what a round killed inside its atomic publication leaves: a half-written hidden temporary file
     models = studies / ".imsct" / "models"
-    whole = (models / "model.pt").read_bytes()
-    (models / ".model.pt.0123456789ab.tmp").write_bytes(whole[: len(whole) // 2])
+    tumour = weights.path("tumour", models)
+    whole = tumour.read_bytes()
+    (models / f".{tumour.name}.0123456789ab.tmp").write_bytes(whole[: len(whole) // 2])
     assert requests.get(f"{url}/info/", timeout=60).json()["models"]["tumour"]["weights"] == info0["models"]["tumour"]["weights"]
 
     # the next round starts, clears that leftover, finishes and publishes
@@ -341,10 +343,11 @@ def test_training_killed_mid_round_leaves_everything_intact_and_the_next_round_p
     assert stats["last_round"]["published"] is True, stats
     assert stats["published_rounds"] == stats["rounds"] == len(json.loads(rounds_before or "[]")) + 1
     assert sorted(p.name for p in models.iterdir()) == sorted(before["models"])  # no temporary file left
-    assert _sha(models / "model.pt") != before["models"]["model.pt"]
-    assert _sha(models / "localiser.pt") == before["models"]["localiser.pt"]
+    localiser = weights.path("localiser", models)
+    assert _sha(tumour) != before["models"][tumour.name]
+    assert _sha(localiser) == before["models"][localiser.name]
     served = requests.get(f"{url}/info/", timeout=60).json()["models"]["tumour"]
-    assert served["weights"]["model.pt"]["sha256"] == _sha(models / "model.pt")[:16]
+    assert served["weights"]["tumour"]["sha256"] == _sha(tumour)[:16]
     assert _snapshot(studies)["labels"] == before["labels"]
     with open(server.log_path, errors="replace") as fh:
         fh.seek(log_start)

@@ -18,29 +18,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "apps" / "imsct_label"
+from support.paths import APP_DIR as APP, ROOT  # noqa: E402
 
 pytest.importorskip("monailabel.client")
 from monailabel.client import MONAILabelClient  # noqa: E402
 from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
+from imsct import weights  # noqa: E402
 from imsct.io import load_volume, save_volume  # noqa: E402
-from servers import MonaiLabelServer  # noqa: E402
+from support.cases import save_truth_labelmap  # noqa: E402
+from support.servers import MonaiLabelServer  # noqa: E402
 from imsct.labels import COLOURS, LABELS  # noqa: E402
 
 SERVER_START_S = 300
 TRAIN_WAIT_S = 900
-
-
-def _truth_labelmap(paths: dict, out: Path) -> Path:
-    """The phantom's truth as one 0..3 label map on the T2w grid (what an annotator saves)."""
-    ref = load_volume(paths["_seg-tumor"])
-    lab = np.zeros(ref.shape, np.uint8)
-    for name, value in LABELS.items():
-        lab[load_volume(paths[f"_seg-{name}"]).data > 0.5] = value
-    save_volume(lab, ref.affine, out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def cases(tmp_path_factory):
     out = {}
     for i in range(2):
         paths = write_case(generate_case(515151, i, max_voxels=300_000), root / "bids")
-        paths["truth"] = _truth_labelmap(paths, root / f"truth-{i}.nii.gz")
+        paths["truth"] = save_truth_labelmap(paths, root / f"truth-{i}.nii.gz")
         out[f"sub-{i + 1:03d}"] = paths
     return out
 
@@ -145,7 +136,7 @@ def test_info_lists_models_labels_colours_and_tasks(server):
         m = info["models"][name]
         assert m["labels"] == LABELS
         assert m["label_colors"] == {k: list(v) for k, v in COLOURS.items()}
-        assert set(m["weights"]) == {"localiser.pt", "model.pt"}
+        assert set(m["weights"]) == {"localiser", "tumour"}
     assert info["models"]["localiser"]["labels"] == {"cord": 1}
     assert info["labels"] == LABELS
     assert set(info["trainers"]) == {"tumour", "localiser"}
@@ -154,8 +145,8 @@ def test_info_lists_models_labels_colours_and_tasks(server):
     # the served weights start as the bundle's shipped ones
     import hashlib
 
-    shipped = hashlib.sha256((ROOT / "bundle" / "models" / "model.pt").read_bytes()).hexdigest()[:16]
-    assert info["models"]["cascade"]["weights"]["model.pt"]["sha256"] == shipped
+    shipped = hashlib.sha256(weights.path("tumour").read_bytes()).hexdigest()[:16]
+    assert info["models"]["cascade"]["weights"]["tumour"]["sha256"] == shipped
 
 
 def test_upload_two_contrast_case(server, cases, tmp_path):
@@ -245,7 +236,7 @@ def test_next_sample_by_each_strategy(server):
 def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
     client = server["client"]
     info0 = client.info()
-    sha0 = info0["models"]["cascade"]["weights"]["model.pt"]["sha256"]
+    sha0 = info0["models"]["cascade"]["weights"]["tumour"]["sha256"]
     client.save_label("sub-001", str(cases["sub-001"]["_sc-mask"]), tag="cord")
     # a label that is not a tumour label map on the T2w grid is refused before it replaces anything
     truth_img = load_volume(cases["sub-001"]["truth"])
@@ -287,11 +278,11 @@ def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
         assert stats["split"]["default"] == {"train": 1, "validation": 1}
 
     # the new models are served without a restart
-    weights = info["models"]["cascade"]["weights"]
-    assert weights["model.pt"]["sha256"] != sha0
-    assert weights["localiser.pt"]["sha256"] != info0["models"]["cascade"]["weights"]["localiser.pt"]["sha256"]
+    served = info["models"]["cascade"]["weights"]
+    assert served["tumour"]["sha256"] != sha0
+    assert served["localiser"]["sha256"] != info0["models"]["cascade"]["weights"]["localiser"]["sha256"]
     out, params = client.infer("tumour", "sub-002", {})
-    assert params["model_version"] == weights
+    assert params["model_version"] == served
     assert server["proc"].poll() is None
 
 
@@ -325,17 +316,17 @@ def test_corrupt_weight_file_is_refused_and_the_previous_model_keeps_serving(tmp
     store = ModelStore(models)
     first = store.cascade()
     version = store.version()
-    good = (models / "model.pt").read_bytes()
-    (models / "model.pt").write_bytes(good[: len(good) // 3])  # a half-written / corrupt file
+    good = weights.path("tumour", models).read_bytes()
+    weights.path("tumour", models).write_bytes(good[: len(good) // 3])  # a half-written / corrupt file
     assert store.cascade() is first
     assert store.version() == version
     assert str(models) in store.refused["reason"]
     assert store.cascade() is first  # refused once, not retried at every request
-    (models / "model.pt").write_bytes(good)
+    weights.path("tumour", models).write_bytes(good)
     assert store.cascade() is not first and store.refused is None
 
     fresh = ModelStore(models)
-    (models / "localiser.pt").write_bytes(b"not a checkpoint")
+    weights.path("localiser", models).write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match=str(models)):
         fresh.cascade()
 

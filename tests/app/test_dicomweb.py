@@ -10,14 +10,13 @@ import pytest
 from dicomweb_client import DICOMwebClient
 
 from imsct import dicom
-from imsct.io import Volume, load_volume, save_volume
+from imsct.io import load_volume, save_volume
 from imsct.labels import COLOURS, LABELS
 
-from orthanc_server import OrthancServer, missing_reason
-from test_dicom import assert_same_image, phantom_labelmap
+from support.orthanc import OrthancServer, missing_reason
+from support.cases import assert_same_image, labelmap_on_image_grid, phantom_labelmap
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-APP_DIR = ROOT / "apps" / "imsct_label"
+from support.paths import APP_DIR  # noqa: E402
 
 pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))
 
@@ -139,26 +138,6 @@ def test_final_label_saved_as_dicom_seg(phantom_dir, orthanc, datastore, tmp_pat
     assert_same_image(final, lm, tol=0)
 
 
-@pytest.fixture(scope="session")
-def stack(request, tmp_path_factory, phantom_dir):
-    from dicomweb_stack import shared_stack, stack_missing_reason
-
-    if stack_missing_reason():
-        pytest.skip(stack_missing_reason())
-    return shared_stack(request, tmp_path_factory, phantom_dir)
-
-
-def labelmap_on_image_grid(lm: Volume, image: Volume) -> Volume:
-    """The phantom's label map reoriented (flips/permutations only) onto the grid the server serves."""
-    import nibabel as nib
-
-    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(lm.data), lm.affine))
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.io_orientation(image.affine))
-    out = Volume(nib.orientations.apply_orientation(np.asarray(img.dataobj), ornt).astype(np.uint8), image.affine, "label")
-    assert_same_image(out, lm, tol=0)
-    return out
-
-
 def test_monailabel_server_infer_and_save_through_orthanc(stack, tmp_path):
     """MONAILabelClient against the app started with --studies <Orthanc>/dicom-web: the datastore lists the
     T2w series only, the cascade runs on it (its T1w fetched from the same study), and the saved final label
@@ -203,7 +182,7 @@ def test_monailabel_server_infer_and_save_through_orthanc(stack, tmp_path):
 def test_command_converts_bids_and_stores_in_orthanc(phantom_dir, orthanc, tmp_path, capsys):
     """``python -m imsct.dicom BIDS --out DIR --stow URL`` (subjects with and without sessions); storing the
     same subject twice gives the same UIDs, so Orthanc holds no duplicates. Runs last: it adds a study."""
-    from servers import free_port
+    from support.servers import free_port
 
     bids = tmp_path / "bids"
     (bids / "sub-001").mkdir(parents=True)

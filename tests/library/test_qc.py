@@ -132,7 +132,7 @@ def report(phantom_dir, tmp_path_factory):
     from imsct.evaluation import truth_labelmap
     from imsct.io import load_volume
     from imsct.labels import SEG_SUFFIXES
-    from imsct.runner import output_paths
+    from imsct.labels import output_paths
 
     root = tmp_path_factory.mktemp("qc")
     segs = root / "segs"

@@ -1,4 +1,5 @@
-"""Batch inference over a BIDS folder: what ``bundle/configs/inference.json`` runs.
+"""Inference on files: one case (:func:`segment_case`) or a BIDS folder (:class:`BatchRunner`, what
+``bundle/configs/inference.json`` runs). Imports nothing from training.
 
 Each case is validated and segmented fully in memory; its five output files are written together
 (temporary names, then renamed), so a failing case leaves nothing behind and never touches files
@@ -19,27 +20,9 @@ import numpy as np
 from .bids import find_cases
 from .cascade import Cascade
 from .io import InputError, Volume, load_volume, save_volumes, strip_nifti_ext, voxel_volume_mm3
-from .labels import LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, output_paths
-from .networks import localiser, tumour_network
-from .postprocess import split_masks
-from .training import load_weights
+from .labels import LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, output_paths, split_masks
 
 log = logging.getLogger("imsct")
-
-
-T2_ONLY_WEIGHTS = "model_t2only.pt"
-
-
-def build_cascade(models_dir: str | Path, device: str = "cpu", t2_only: bool = False, **kw) -> Cascade:
-    """A cascade with the weights of ``models_dir`` (``localiser.pt`` and ``model.pt``; with
-    ``t2_only`` the T2w-only stage-2 network ``model_t2only.pt``, for cases without a T1w)."""
-    models_dir = Path(models_dir)
-    loc = load_weights(localiser(), models_dir / "localiser.pt")
-    seg_path = models_dir / (T2_ONLY_WEIGHTS if t2_only else "model.pt")
-    if not seg_path.exists():
-        raise InputError(f"models folder {models_dir}: {seg_path.name} not found")
-    seg = load_weights(tumour_network(), seg_path)
-    return Cascade(loc, seg, device=device, t2_only=t2_only, **kw)
 
 
 def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, output_dir: str | Path,
@@ -82,20 +65,16 @@ def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path | No
 
 
 def segment_volumes(cascade: Cascade, t2: Volume, t1: Volume | None, output_dir: str | Path, name: str,
-                    probabilities: bool = False, register_t1: bool = False) -> dict:
-    """:func:`segment_case` on images already loaded (and checked) by :func:`imsct.io.load_volume`."""
+                    probabilities: bool = False, register_t1: bool = False, on_stage=None, progress: bool = False) -> dict:
+    """:func:`segment_case` on images already loaded (and checked) by :func:`imsct.io.load_volume`;
+    ``on_stage`` and ``progress`` are passed to the cascade's call."""
     t0 = time.perf_counter()
     registration = None
     if register_t1 and t1 is not None:
         from .registration import register_t1_to_t2
 
         t1, registration = register_t1_to_t2(t2, t1)
-    keep = cascade.keep_probabilities
-    cascade.keep_probabilities = keep or probabilities
-    try:
-        res = cascade(t2, t1)
-    finally:
-        cascade.keep_probabilities = keep
+    res = cascade(t2, t1, keep_probabilities=probabilities or None, on_stage=on_stage, progress=progress)
     paths, volumes = write_outputs(res.labelmap, t2.affine, name, output_dir,
                                    res.probabilities if probabilities else None)
     info = {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
@@ -145,4 +124,4 @@ class BatchRunner:
         return self.results
 
 
-__all__ = ["build_cascade", "segment_case", "segment_volumes", "BatchRunner", "output_paths", "LABELS"]
+__all__ = ["segment_case", "segment_volumes", "BatchRunner", "output_paths", "LABELS"]

@@ -1,0 +1,236 @@
+"""The one table of model files: which networks IMSCT ships, how each is built, loaded, saved and exported.
+
+Every front door (command line, bundle, MONAI Label app, continual learning, scripts) asks this
+module for a model by its key; no other file spells a weights file name.
+
+=================  ===================  =====  ==========  ==============================================
+key                file                 stage  inputs      outputs
+=================  ===================  =====  ==========  ==============================================
+``localiser``      ``localiser.pt``     1      T2w         cord region
+``tumour``         ``model.pt``         2      T2w, T1w    tumour, edema, cavity, whole tumour
+``tumour_t2only``  ``model_t2only.pt``  2      T2w, zeros  tumour, edema, cavity, whole tumour
+=================  ===================  =====  ==========  ==============================================
+
+Weights are float16 state dicts (half the size), loaded back as float32 on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .io import InputError, replace_atomically
+from .labels import STAGE2_CHANNELS
+
+if TYPE_CHECKING:  # torch loads only when a network is built: `imsct --help` and input checks stay fast
+    import torch
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "bundle" / "models"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    key: str
+    filename: str
+    stage: int
+    inputs: tuple[str, ...]  # channel names, in order
+    outputs: tuple[str, ...]
+    build: Callable[[], torch.nn.Module]
+    description: str
+
+    @property
+    def stem(self) -> str:
+        return self.filename.rsplit(".", 1)[0]
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.inputs)
+
+    def path(self, models_dir: str | Path | None = None) -> Path:
+        return Path(models_dir or DEFAULT_MODELS_DIR) / self.filename
+
+
+def _localiser() -> torch.nn.Module:
+    from .networks import localiser
+
+    return localiser()
+
+
+def _tumour() -> torch.nn.Module:
+    from .networks import tumour_network
+
+    return tumour_network()
+
+
+MODELS: dict[str, ModelFile] = {m.key: m for m in (
+    ModelFile("localiser", "localiser.pt", 1, ("T2w",), ("cord",), _localiser,
+              "stage 1: spinal cord region on the T2w (8 base filters)"),
+    ModelFile("tumour", "model.pt", 2, ("T2w", "T1w"), STAGE2_CHANNELS, _tumour,
+              "stage 2: tumour, edema, cavity, whole tumour from T2w + Gd-T1w (16 base filters)"),
+    ModelFile("tumour_t2only", "model_t2only.pt", 2, ("T2w", "T1w (always zero)"), STAGE2_CHANNELS, _tumour,
+              "stage 2 without the T1w: fine-tuned from 'tumour' with the T1w channel zeroed"),
+)}
+
+# the models a cascade needs, per mode
+CASCADE_MODELS = {False: ("localiser", "tumour"), True: ("localiser", "tumour_t2only")}
+
+
+def spec(key: str) -> ModelFile:
+    try:
+        return MODELS[key]
+    except KeyError:
+        raise KeyError(f"unknown model {key!r}; known: {', '.join(MODELS)}") from None
+
+
+def stage_model(stage: int, t2_only: bool = False) -> ModelFile:
+    """The model a training stage produces (1: localiser, 2: the tumour network, or its T2w-only variant)."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage {stage}: expected 1 or 2")
+    return MODELS["localiser" if stage == 1 else ("tumour_t2only" if t2_only else "tumour")]
+
+
+def path(key: str, models_dir: str | Path | None = None) -> Path:
+    """Where model ``key`` lives in ``models_dir`` (default: the shipped ``bundle/models``)."""
+    return spec(key).path(models_dir)
+
+
+def build(key: str) -> torch.nn.Module:
+    """A freshly initialised network for model ``key`` (the architecture every config uses)."""
+    return spec(key).build()
+
+
+def save_weights(net: torch.nn.Module, path: str | Path) -> None:
+    """Save a state dict in float16 (half the size; loaded back as float32), atomically."""
+    import torch
+
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    replace_atomically(path, lambda out: torch.save(state, out))
+
+
+def load_weights(net: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load a state dict saved by :func:`save_weights` on any device (CPU-safe)."""
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    return net
+
+
+def check_present(keys, models_dir: str | Path | None = None) -> Path:
+    """The models folder, after checking that it holds the files of ``keys`` (InputError naming the first missing)."""
+    folder = Path(models_dir or DEFAULT_MODELS_DIR)
+    if not folder.is_dir():
+        raise InputError(f"models folder {folder}: not found")
+    for key in keys:
+        if not path(key, folder).is_file():
+            raise InputError(f"models folder {folder}: {spec(key).filename} not found")
+    return folder
+
+
+def load(key: str, models_dir: str | Path | None = None, file: str | Path | None = None) -> torch.nn.Module:
+    """Model ``key`` with its weights from ``models_dir`` (or from ``file``, e.g. a training ``best.pt``), in eval mode."""
+    if file is None:
+        check_present([key], models_dir)
+        file = path(key, models_dir)
+    return load_weights(build(key), file).eval()
+
+
+# ---- export: TorchScript and ONNX of every model in the table ------------------------------------
+
+EXPORT_SUFFIX = {"torchscript": ".ts", "onnx": ".onnx"}
+
+
+def exported_path(key: str, models_dir: str | Path | None, backend: str) -> Path:
+    """Where the ``backend`` ("torchscript" or "onnx") export of model ``key`` lives."""
+    return Path(models_dir or DEFAULT_MODELS_DIR) / (spec(key).stem + EXPORT_SUFFIX[backend])
+
+
+def export_torchscript(net: torch.nn.Module, path: str | Path) -> Path:
+    import torch
+
+    path = Path(path)
+    scripted = torch.jit.script(net.eval())
+    replace_atomically(path, lambda out: torch.jit.save(scripted, out))
+    return path
+
+
+def export_onnx(net: torch.nn.Module, path: str | Path, in_channels: int, example_shape=(64, 64, 32), opset: int = 17) -> Path:
+    """ONNX graph with dynamic batch and spatial axes (each a multiple of 16)."""
+    import torch
+
+    path = Path(path)
+    x = torch.randn(1, in_channels, *example_shape)
+    axes = {0: "batch", 2: "si", 3: "ap", 4: "rl"}
+    replace_atomically(path, lambda out: torch.onnx.export(net.eval(), (x,), out, input_names=["image"], output_names=["logits"],
+                                                           dynamic_axes={"image": axes, "logits": axes}, opset_version=opset, dynamo=False))
+    return path
+
+
+def export_models(models_dir: str | Path | None = None, out_dir: str | Path | None = None, formats=("torchscript", "onnx"),
+                  keys=None) -> dict[str, Path]:
+    """Export the models of ``models_dir`` (every model of the table present there, or ``keys``) to
+    ``.ts`` and/or ``.onnx`` in ``out_dir`` (default: the models folder)."""
+    models_dir = Path(models_dir or DEFAULT_MODELS_DIR)
+    out_dir = Path(out_dir or models_dir)
+    keys = list(keys) if keys else [k for k in MODELS if path(k, models_dir).is_file()]
+    if not keys:
+        raise InputError(f"models folder {models_dir}: none of {', '.join(m.filename for m in MODELS.values())} found")
+    written = {}
+    for key in keys:
+        m = spec(key)
+        net = load(key, models_dir)
+        if "torchscript" in formats:
+            written[f"{m.stem}.ts"] = export_torchscript(net, exported_path(key, out_dir, "torchscript"))
+        if "onnx" in formats:
+            written[f"{m.stem}.onnx"] = export_onnx(net, exported_path(key, out_dir, "onnx"), m.in_channels)
+    return written
+
+
+def onnx_network(path: str | Path, threads: int | None = None) -> "torch.nn.Module":
+    """An ONNX Runtime session behind the ``nn.Module`` interface the cascade and MONAI's
+    sliding-window inferer expect (tensor in, tensor out, on the CPU)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    class OnnxNetwork(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+            self.path = str(path)
+            self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.session.run(None, {"image": x.detach().float().cpu().numpy()})[0]
+            return torch.from_numpy(np.asarray(out)).to(x.device)
+
+    return OnnxNetwork()
+
+
+def load_exported(path: str | Path) -> torch.nn.Module:
+    """A TorchScript (``.ts``/``.pt``) or ONNX (``.onnx``) network, ready for the cascade."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"exported model {path}: not found (write it with 'imsct export')")
+    if path.suffix == ".onnx":
+        return onnx_network(path)
+    import torch
+
+    return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def load_backend(key: str, models_dir: str | Path | None = None, backend: str = "eager") -> torch.nn.Module:
+    """Model ``key`` run by ``backend``: "eager" (PyTorch), "torchscript" or "onnx" (its export beside the weights)."""
+    if backend == "eager":
+        return load(key, models_dir)
+    if backend not in EXPORT_SUFFIX:
+        raise ValueError(f"backend {backend!r}: expected eager, torchscript or onnx")
+    return load_exported(exported_path(key, models_dir, backend))
+
+
+__all__ = ["MODELS", "ModelFile", "CASCADE_MODELS", "DEFAULT_MODELS_DIR", "spec", "stage_model", "path", "build", "load",
+           "load_weights", "save_weights", "check_present", "export_models", "export_torchscript", "export_onnx",
+           "exported_path", "load_exported", "load_backend", "onnx_network"]

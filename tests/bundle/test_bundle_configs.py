@@ -1,0 +1,61 @@
+"""The bundle's configs spell the recipe a second time (MONAI bundles are JSON); these tests fail when
+they drift from the library's defaults, which the command line, the app and continual learning use."""
+
+import os
+
+import pytest
+from monai.bundle import ConfigParser
+
+from imsct import weights
+from imsct.cascade import ROI_SIZE, Cascade
+from support.paths import BUNDLE
+
+
+def parsed(*configs):
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
+    parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def bundle_cascade():
+    cwd = os.getcwd()
+    os.chdir(BUNDLE)
+    try:
+        return parsed("inference.json").get_parsed_content("cascade")
+    finally:
+        os.chdir(cwd)
+
+
+def test_inference_config_matches_the_library_defaults(bundle_cascade):
+    lib = Cascade.from_models()
+    for attr in ("threshold", "min_volume_cm3", "fill_holes", "field_size", "fit_field", "safety_factor", "spacing", "amp",
+                 "t2_only", "min_t1_coverage", "keep_probabilities"):
+        assert getattr(bundle_cascade, attr) == getattr(lib, attr), attr
+    for attr in ("roi_size", "overlap", "sw_batch_size", "mode"):
+        a, b = getattr(bundle_cascade.inferer, attr), getattr(lib.inferer, attr)
+        assert (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b), attr
+
+
+def test_inference_config_loads_the_table_s_weights(bundle_cascade):
+    lib = Cascade.from_models()
+    for a, b in ((bundle_cascade.localiser, lib.localiser), (bundle_cascade.segmenter, lib.segmenter)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
+
+
+def test_training_config_builds_the_same_networks_and_validates_like_inference():
+    for stage in (1, 2):
+        p = parsed("train.json")
+        p["stage"] = stage
+        net = p.get_parsed_content("network_def")
+        ref = weights.build(weights.stage_model(stage).key)
+        assert type(net) is type(ref)
+        assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    p = parsed("train.json")
+    assert tuple(p.get_parsed_content("roi_size")) == ROI_SIZE
+    lib = Cascade.from_models().inferer
+    val = p.get_parsed_content("validate#inferer#inferer")
+    assert val.overlap == lib.overlap and val.mode == lib.mode
