@@ -30,6 +30,7 @@ subject holding an MR series with ``SeriesDescription`` ``"T2w"`` and one with `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -85,7 +86,11 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
         self.t1_description = t1_description
         search = {"Modality": "MR", **(extra_filter or {})}
         self._listed: tuple[float, List[str]] = (0.0, [])
+        self.client = client  # DICOMWebDatastore keeps it only as a private attribute
         super().__init__(client=client, search_filter=search, cache_path=cache_path, fetch_by_frame=False, convert_to_nifti=True)
+        # the app's own cache of T1w series (monailabel's cache folder is a private attribute)
+        base = pathlib.Path(cache_path) if cache_path else pathlib.Path.home() / ".cache" / "imsct-label"
+        self.cache_root = base / "dicomweb-t1" / hashlib.sha256(str(client.base_url).encode()).hexdigest()[:16]
 
     def list_images(self) -> List[str]:  # type: ignore[override]
         stamp, cached = self._listed
@@ -102,6 +107,8 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
         """T2w series with a SEG in the server, asked afresh each time: monailabel caches this for
         ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` (2 h), so a label saved a minute ago still showed the image
         as unlabelled to the active-learning strategies."""
+        # monailabel exposes no switch for that cache: call the undecorated method (functools.wraps
+        # keeps it as __wrapped__; the only way in without copying monailabel's code)
         return DICOMWebDatastore.get_labeled_images.__wrapped__(self, label_tag, labels)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
@@ -129,7 +136,7 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
                     raise
                 logger.warning(f"{image_id}: empty label map saved locally only (DICOM SEG cannot be empty)")
                 return LocalDatastore.save_label(self, image_id, label_nii, label_tag, label_info)
-            seg_series = dicom_web_upload_dcm(seg_path, self._client)
+            seg_series = dicom_web_upload_dcm(seg_path, self.client)
             info = self.get_image_info(image_id)
             label_info = {**label_info, "SeriesInstanceUID": seg_series, "Modality": "SEG",
                           "PatientID": info.get("PatientID"), "StudyInstanceUID": info.get("StudyInstanceUID")}
@@ -193,12 +200,12 @@ def make_datastore(studies: str, conf: Optional[Dict[str, str]] = None) -> Imsct
 
 
 def _series_query(datastore, **kwargs) -> List[dict]:
-    return datastore._client.search_for_series(fields=["SeriesDescription", "SeriesNumber"], **kwargs)
+    return datastore.client.search_for_series(fields=["SeriesDescription", "SeriesNumber"], **kwargs)
 
 
 def study_of(datastore, series_uid: str) -> str:
     """StudyInstanceUID of a series on the datastore's DICOMweb server."""
-    found = [s for s in datastore._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+    found = [s for s in datastore.client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
              if _value(s, "0020000E") == series_uid]
     if not found:
         raise MissingT1(f"DICOMweb {datastore.name()}: series {series_uid} not found")
@@ -225,22 +232,22 @@ def t1_series_of(datastore, image_id: str) -> tuple[str, str]:
 def fetch_t1(datastore, image_id: str) -> str:
     """Local NIfTI path of the Gd-T1w series in the same study as the T2w series ``image_id``.
 
-    Works with any monailabel DICOMweb datastore (the series description comes from
-    ``datastore.t1_description`` when set, else ``"T1w Gd"``). The series is downloaded once into
+    Works with the app's DICOMweb datastore (:class:`ImsctDICOMWebDatastore`; the series description
+    comes from ``datastore.t1_description``). The series is downloaded once into
     ``<datastore cache>/t1/`` and converted to ``<datastore cache>/t1/<image_id>.nii.gz``.
     Raises :class:`MissingT1` (a ``contrasts.MissingContrast``) naming the study and the series
     it holds when there is no T1w.
     """
-    if not isinstance(datastore, DICOMWebDatastore):
-        raise TypeError(f"fetch_t1 needs a DICOMweb datastore, got {type(datastore).__name__}")
-    cache = pathlib.Path(datastore._datastore_path) / "t1"
+    if not isinstance(datastore, ImsctDICOMWebDatastore):
+        raise TypeError(f"fetch_t1 needs the app's DICOMweb datastore, got {type(datastore).__name__}")
+    cache = datastore.cache_root / "t1"
     out = cache / f"{image_id}.nii.gz"
     if out.exists():
         return str(out)
     study, t1_uid = t1_series_of(datastore, image_id)
     series_dir = cache / t1_uid
     if not series_dir.exists() or not any(series_dir.iterdir()):
-        dicom_web_download_series(study, t1_uid, str(series_dir), datastore._client)
+        dicom_web_download_series(study, t1_uid, str(series_dir), datastore.client)
     return str(series_to_nifti(series_dir, out))
 
 
