@@ -7,6 +7,7 @@ import sys
 
 from ..commands import phantoms as command
 from ..io import InputError
+from . import cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,10 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m imsct.phantoms", description=command.HELP,
         epilog=f"example: {command.EXAMPLE}",
     )
-    command.add_arguments(ap)
+    cli.add_arguments(ap)  # v1 options and the v2 ones (issue 17)
     args = ap.parse_args(argv)
     try:
-        return command.run(args)
+        return cli.run(args)
     except InputError as exc:
         print(f"python -m imsct.phantoms: error: {exc}", file=sys.stderr)
         return 2

@@ -422,10 +422,12 @@ def encode(data: np.ndarray, affine: np.ndarray, storage: str, rng: np.random.Ge
     if storage == "int16":
         return nifti(np.clip(data, 0, 32000).round().astype(np.int16), affine)
     if storage == "int16-scaled":  # float data, int16 on disk: nibabel picks scl_slope / scl_inter on save
-        off = float(rng.uniform(-200, 200)) if rng.random() < 0.5 else 0.0
-        img = nifti((data * float(rng.uniform(0.01, 5.0)) + off).astype(np.float32), affine)
+        # a range beyond int16 (as scanners' float reconstructions have), so that scaling is needed
+        top = float(np.percentile(data[::3, ::3, ::3], 99.9)) or 1.0
+        off = float(rng.uniform(-2000, 2000)) if rng.random() < 0.5 else 0.0
+        img = nifti((data * float(np.exp(rng.uniform(np.log(5e4), np.log(5e6)))) / top + off).astype(np.float32), affine)
         img.set_data_dtype(np.int16)
-        return img
+        return nib.Nifti1Image.from_bytes(img.to_bytes())  # in memory exactly what is written
     if storage == "uint8":
         top = float(np.percentile(data, 99.9)) or 1.0
         return nifti(np.clip(np.round(data / top * 255), 0, 255).astype(np.uint8), affine)
