@@ -14,7 +14,8 @@ through the cord at 1 mm, relative to the median intensity of the cord (lesion e
 * ``nbh p50/cord``, ``nbh p95/cord``: median and 95th percentile of the neighbourhood within 20 mm
   of the cord (cord excluded): how bright the surrounding tissue (fat, muscle, bone) is;
 * ``locstd nbh``, ``locstd cord``: median local standard deviation (3 x 3 mm window) in the
-  neighbourhood and in the cord, over the cord median: texture, edges and noise.
+  neighbourhood and in the cord's interior (cord eroded by 1 pixel), over the cord median:
+  texture, edges and noise.
 
 The real scans are used only to look at and to report these numbers, never to fit the generator.
 """
@@ -36,9 +37,11 @@ REAL = ROOT.parent / "shared" / "realdata"
 if not REAL.exists():
     REAL = Path("/work/shared/realdata")
 PANEL = (220, 150)  # SI, AP (mm at 1 mm per pixel)
+ZOOM = (70, 50)  # zoomed panels around the cord (0.5 mm per pixel)
 
 
-def _plane(img: np.ndarray, affine: np.ndarray, cord: np.ndarray, centre_z: float | None = None, order: int = 1):
+def _plane(img: np.ndarray, affine: np.ndarray, cord: np.ndarray, centre_z: float | None = None, order: int = 1,
+           panel: tuple[float, float] = PANEL, pixel: float = 1.0):
     """Mid-sagittal plane through the cord (world x of the cord's centroid), 1 mm pixels,
     rows = S (top) to I, columns = P (left) to A; centred on the cord at ``centre_z`` (world)."""
     ijk = np.argwhere(cord > 0)
@@ -48,8 +51,8 @@ def _plane(img: np.ndarray, affine: np.ndarray, cord: np.ndarray, centre_z: floa
         centre_z = float(np.median(world[:, 2]))
     near = np.abs(world[:, 2] - centre_z) < 15
     y0 = float(np.median(world[near, 1])) if near.any() else float(np.median(world[:, 1]))
-    zs = centre_z + PANEL[0] / 2 - np.arange(PANEL[0])
-    ys = y0 - PANEL[1] / 2 + np.arange(PANEL[1])
+    zs = centre_z + panel[0] / 2 - np.arange(0, panel[0], pixel)
+    ys = y0 - panel[1] / 2 + np.arange(0, panel[1], pixel)
     zz, yy = np.meshgrid(zs, ys, indexing="ij")
     pts = np.stack([np.full(zz.size, x0), yy.ravel(), zz.ravel()], -1)
     vox = (pts - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
@@ -78,7 +81,7 @@ def stats(plane: np.ndarray, cordp: np.ndarray) -> dict[str, float]:
         "nbh p50/cord": float(np.median(plane[nbh]) / med),
         "nbh p95/cord": float(np.percentile(plane[nbh], 95) / med),
         "locstd nbh": float(np.median(loc[nbh & full]) / med),
-        "locstd cord": float(np.median(loc[cord & full]) / med),
+        "locstd cord": float(np.median(loc[ndimage.binary_erosion(cord) & full]) / med) if ndimage.binary_erosion(cord).sum() > 5 else float("nan"),
     }
 
 
@@ -100,7 +103,8 @@ def _case_planes(case) -> dict:
     ok = np.all((ijk >= 0) & (ijk < np.asarray(t1.shape)), axis=1)
     c1[tuple(ijk[ok].T)] = True
     p1 = _plane(np.asarray(t1.dataobj, np.float32), t1.affine, c1 if c1.any() else cord, centre_z=z) if c1.any() else None
-    return {"t2": p2, "t1": p1, "cord": cp, "info": case.info}
+    zoom = _plane(d2, t2.affine, cord, panel=ZOOM, pixel=0.5)
+    return {"t2": p2, "t1": p1, "cord": cp, "info": case.info, "zoom": zoom}
 
 
 def main(argv=None) -> int:
@@ -128,25 +132,29 @@ def main(argv=None) -> int:
         zw = (np.argwhere(cord) @ img.affine[:3, :3].T + img.affine[:3, 3])[:, 2]
         cz = None if zc is None else float(zw.max() - 110 if zc == "cervical" else np.median(zw))
         real.append({"name": f"{name}" + (f" ({zc})" if zc else ""), "t2": _plane(data, img.affine, cord, cz),
-                     "cord": _plane(cord.astype(np.float32), img.affine, cord, cz, order=0), "t1": None})
+                     "cord": _plane(cord.astype(np.float32), img.affine, cord, cz, order=0), "t1": None,
+                     "zoom": _plane(data, img.affine, cord, cz, panel=ZOOM, pixel=0.5)})
     table = {}
     for g, items in groups.items():
         rows = [stats(it["t2"], it["cord"]) for it in items]
         rows = [r for r in rows if r]
-        table[g] = {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))] for k in rows[0]}
+        table[g] = {k: [float(np.nanmean([r[k] for r in rows])), float(np.nanstd([r[k] for r in rows]))] for k in rows[0]}
         table[g]["n"] = len(rows)
         if g == "v2":
-            table["v2 paper-intensity share"] = {k: [float(np.mean([stats(it["t2"], it["cord"])[k] for it in items if it["info"]["intensity_mode"] == "paper"])), 0.0] for k in rows[0]}
+            pr = [stats(it["t2"], it["cord"]) for it in items if it["info"]["intensity_mode"] == "paper"]
+            pr = [r for r in pr if r]
+            table["v2 paper-intensity share"] = {k: [float(np.nanmean([r[k] for r in pr])), float(np.nanstd([r[k] for r in pr]))] for k in rows[0]}
+            table["v2 paper-intensity share"]["n"] = len(pr)
     for r in real:
         table[r["name"]] = stats(r["t2"], r["cord"])
     keys = ["ring/cord", "nbh p50/cord", "nbh p95/cord", "locstd nbh", "locstd cord"]
-    print(f"{'':34s}" + "".join(f"{k:>15s}" for k in keys))
+    print(f"{'':34s}" + "".join(f"{k:>15s}" for k in keys) + "      n")
     for name, row in table.items():
         cells = []
         for k in keys:
             v = row.get(k)
             cells.append(f"{v[0]:7.2f} ±{v[1]:5.2f}" if isinstance(v, list) else f"{v:15.2f}" if v is not None else f"{'-':>15s}")
-        print(f"{name:34s}" + "".join(f"{c:>15s}" for c in cells))
+        print(f"{name:34s}" + "".join(f"{c:>15s}" for c in cells) + f"{row.get('n', 1):7d}")
     (out / "realism_stats.json").write_text(json.dumps(table, indent=1))
     _sheet(out / "realism_sheet.png", real, groups["v1"][:2], groups["v2"][: args.show])
     print(f"sheet: {out / 'realism_sheet.png'}")
@@ -168,6 +176,11 @@ def _sheet(path: Path, real, v1, v2) -> None:
                 label += f" {inf['acquisition']} {inf['intensity_mode']}"
             panels.append((label + " T2w", it["t2"]))
             panels.append((label + " T1w", it["t1"]))
+    while len(panels) % 6:
+        panels.append(("", None))
+    panels += [(r["name"][:11] + " zoom", r["zoom"]) for r in real[:1]]
+    panels += [(f"v1 {it['info']['participant_id']} zoom", it["zoom"]) for it in v1[:1]]
+    panels += [(f"v2 {it['info']['participant_id']} {it['info']['acquisition']} zoom", it["zoom"]) for it in v2[:4]]
     ncol = 6
     nrow = int(np.ceil(len(panels) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 2.3, nrow * 3.3), dpi=110)
@@ -179,7 +192,8 @@ def _sheet(path: Path, real, v1, v2) -> None:
         top = np.nanpercentile(im, 99.5) if np.isfinite(im).any() else 1.0
         ax.imshow(np.nan_to_num(im, nan=0.0), cmap="gray", vmin=0, vmax=top, aspect="equal", interpolation="nearest")
         ax.set_title(title, fontsize=6)
-    fig.suptitle("mid-sagittal through the cord, 1 mm/pixel, 220 x 150 mm (S up, A right)", fontsize=8)
+    fig.suptitle("mid-sagittal T2w/T1w through the cord, 1 mm/pixel, 220 x 150 mm (S up, A right); last row: T2w zoom 70 x 50 mm "
+                 "at 0.5 mm/pixel", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

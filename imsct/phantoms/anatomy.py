@@ -190,10 +190,10 @@ class PhantomSpec:
 
 def _curve(rng: np.random.Generator, scale: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Knots of the sagittal angle profile: lordosis (neck, low back), kyphosis (thorax), flexion."""
-    c1 = rng.uniform(4, 32)  # upper cervical lordosis (angle at C2)
-    k1, k2 = rng.uniform(8, 30), rng.uniform(8, 26)  # cervicothoracic and thoracolumbar inflections (kyphosis)
-    l2 = rng.uniform(10, 32)  # lumbosacral
-    flex = float(rng.uniform(-12, 22)) if rng.random() < 0.6 else 0.0  # head/neck flexion (+) or extension (-)
+    c1 = rng.uniform(3, 24)  # upper cervical lordosis (angle at C2)
+    k1, k2 = rng.uniform(5, 22), rng.uniform(5, 20)  # cervicothoracic and thoracolumbar inflections (kyphosis)
+    l2 = rng.uniform(8, 26)  # lumbosacral
+    flex = float(rng.uniform(-10, 16)) if rng.random() < 0.6 else 0.0  # head/neck flexion (+) or extension (-)
     # apices (angle 0): C4-5, T6-7, L3; inflections (angle extreme): C1-2, C7-T1, T12-L1, L5-S1
     z = np.array([140.0, 60.0, 10.0, -30.0, -75.0, -130.0, -300.0, -470.0, -585.0, -690.0, -760.0, -860.0])
     th = np.array([-10 + flex, -12 + flex, -0.6 * c1 + flex, -c1 + 0.7 * flex, 0.2 * flex, k1, 0.0, -k2, 0.0, l2, 42.0, 45.0])
