@@ -20,7 +20,9 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m imsct.phantoms --out $(DEMO)/data --cases 1 --seed 42 --quiet
+	# a lesion case in the appearance the shipped weights were trained on (2D sagittal, paper contrasts)
+	$(PY) -m imsct.phantoms --out $(DEMO)/data --cases 1 --seed 42 --quiet --healthy-fraction 0 \
+		--random-intensity-fraction 0 --acquisition sagittal --storage int16
 	cd bundle && ../$(PY) -m monai.bundle run --config_file configs/inference.json \
 		--meta_file configs/metadata.json --logging_file configs/logging.conf \
 		--dataset_dir ../$(DEMO)/data --output_dir ../$(DEMO)/output

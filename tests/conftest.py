@@ -16,9 +16,10 @@ def phantom_dir(tmp_path_factory):
     matrix capped at 1.5 M voxels (a quarter of the default): every test on them is about behaviour,
     not size, and the suite must stay fast on slow CPUs."""
     from imsct.phantoms import generate_dataset
+    from support.cases import LIKE_SHIPPED_TRAINING
 
     out = tmp_path_factory.mktemp("phantoms")
-    generate_dataset(out, cases=2, seed=424242, max_voxels=1_500_000)
+    generate_dataset(out, cases=2, seed=424242, max_voxels=1_500_000, **LIKE_SHIPPED_TRAINING)
     return out
 
 

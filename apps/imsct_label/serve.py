@@ -68,7 +68,8 @@ def make_demo(studies: str | Path, cases: int, seed: int = 7) -> list[str]:
     (root / "T1w").mkdir(parents=True, exist_ok=True)
     ids = []
     for i in range(cases):
-        case = generate_case(seed, i)
+        # lesion cases in the appearance the shipped weights were trained on
+        case = generate_case(seed, i, healthy_fraction=0.0, random_intensity_fraction=0.0, acquisition="sagittal", storage="int16")
         nib.save(case.t1, root / "T1w" / f"{case.subject}.nii.gz")  # the T1w first: a listed image is always complete
         nib.save(case.t2, root / f"{case.subject}.nii.gz")
         ids.append(case.subject)

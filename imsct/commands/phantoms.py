@@ -29,6 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the T1w shows the patient moved by MM and DEG (rigid) while its header does not; "
                              "the truth is in the phantom JSON (t1_motion)")
     parser.add_argument("--quiet", action="store_true", help="print nothing per subject")
+    from ..phantoms import ACQUISITIONS, DEFAULT_HEALTHY_FRACTION, DEFAULT_RANDOM_INTENSITY_FRACTION, STORAGES
+
+    parser.add_argument("--healthy-fraction", type=float, default=DEFAULT_HEALTHY_FRACTION, metavar="F",
+                        help=f"share of subjects without lesion (empty lesion masks, tumor_type none; default "
+                             f"{DEFAULT_HEALTHY_FRACTION}; 0 gives every subject a lesion; ignored with --followup)")
+    parser.add_argument("--random-intensity-fraction", type=float, default=DEFAULT_RANDOM_INTENSITY_FRACTION, metavar="F",
+                        help=f"share of subjects with fully random tissue intensities (default {DEFAULT_RANDOM_INTENSITY_FRACTION})")
+    parser.add_argument("--acquisition", choices=("mixed",) + tuple(ACQUISITIONS), default="mixed",
+                        help="T2w acquisition: 2D sagittal, 3D isotropic, small research crop, axial (slices along the "
+                             "cord), whole spine, or a mix of them (default)")
+    parser.add_argument("--storage", choices=("mixed",) + tuple(STORAGES), default="mixed",
+                        help="image data type on disk (default mixed)")
+    parser.add_argument("--gm-mask", action="store_true", help="also write the grey-matter label _seg-gm")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,9 +58,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--growth {args.growth}: must be positive (1 = no change, 2 = volume doubled)")
     if args.followup is not None and args.misalign_t1 is not None:
         raise InputError("--followup and --misalign-t1: choose one (follow-up visits keep their T1w aligned)")
+    for name in ("healthy_fraction", "random_intensity_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be between 0 and 1")
     generate_dataset(
         args.out, args.cases, args.seed, start=args.start, progress=not args.quiet, max_voxels=args.max_voxels,
         misalign_t1=tuple(args.misalign_t1) if args.misalign_t1 else None, followup_years=args.followup,
-        growth=args.growth, motion=tuple(args.motion),
+        growth=args.growth, motion=tuple(args.motion), healthy_fraction=args.healthy_fraction,
+        random_intensity_fraction=args.random_intensity_fraction, acquisition=args.acquisition, storage=args.storage,
+        gm_mask=args.gm_mask,
     )
     return 0

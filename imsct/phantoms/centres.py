@@ -101,7 +101,7 @@ def apply_centre(case: Case, shift: CentreShift, seed: int = 0) -> Case:
     vox = voxel_volume_mm3(aff2)
     info = dict(case.info)
     info.update({
-        "centre": shift.name, "centre_shift": asdict(shift), "t2_shape": list(t2.shape), "t1_shape": list(t1.shape),
+        "centre": shift.name, "centre_shift": asdict(shift), "t2_shape": list(t2.shape), "t1_shape": list(t1.shape), "storage": "int16",
         "t2_voxel_mm": [round(float(s), 4) for s in np.sqrt((aff2[:3, :3] ** 2).sum(0))],
     })
     if "volumes_mm3" in info:

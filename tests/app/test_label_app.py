@@ -26,7 +26,7 @@ from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
 from imsct import weights  # noqa: E402
 from imsct.io import load_volume, save_volume  # noqa: E402
-from support.cases import save_truth_labelmap  # noqa: E402
+from support.cases import LIKE_SHIPPED_TRAINING, save_truth_labelmap  # noqa: E402
 from support.servers import MonaiLabelServer  # noqa: E402
 from imsct.labels import COLOURS, LABELS  # noqa: E402
 
@@ -42,7 +42,7 @@ def cases(tmp_path_factory):
     root = tmp_path_factory.mktemp("label_app_phantoms")
     out = {}
     for i in range(2):
-        paths = write_case(generate_case(515151, i, max_voxels=300_000), root / "bids")
+        paths = write_case(generate_case(515151, i, max_voxels=300_000, **LIKE_SHIPPED_TRAINING), root / "bids")
         paths["truth"] = save_truth_labelmap(paths, root / f"truth-{i}.nii.gz")
         out[f"sub-{i + 1:03d}"] = paths
     return out

@@ -29,7 +29,7 @@ pytest.importorskip("monailabel.client")
 from monailabel.client import MONAILabelClient  # noqa: E402
 from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
-from support.cases import save_truth_labelmap  # noqa: E402
+from support.cases import LIKE_SHIPPED_TRAINING, save_truth_labelmap  # noqa: E402
 from support.servers import MonaiLabelServer, free_port  # noqa: E402
 
 from support.paths import APP_DIR as APP, ROOT  # noqa: E402
@@ -113,7 +113,7 @@ def secured(tmp_path_factory):
     from imsct.phantoms import generate_case, write_case
 
     root = tmp_path_factory.mktemp("auth_server")
-    case = write_case(generate_case(626262, 0, max_voxels=300_000), root / "bids")
+    case = write_case(generate_case(626262, 0, max_voxels=300_000, **LIKE_SHIPPED_TRAINING), root / "bids")
     case["truth"] = save_truth_labelmap(case, root / "truth.nii.gz")
     studies = root / "studies"
     (studies / "T1w").mkdir(parents=True)

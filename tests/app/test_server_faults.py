@@ -42,6 +42,7 @@ requests = pytest.importorskip("requests")
 pytest.importorskip("monailabel")
 
 from imsct import weights  # noqa: E402
+from support.cases import LIKE_SHIPPED_TRAINING  # noqa: E402
 from imsct.bids import find_cases  # noqa: E402
 from imsct.evaluation import truth_labelmap  # noqa: E402
 from imsct.io import save_volume  # noqa: E402
@@ -85,7 +86,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     bids = root / "bids"
     for i in range(2):
-        write_case(generate_case(616161, i, max_voxels=50_000), bids)
+        write_case(generate_case(616161, i, max_voxels=50_000, **LIKE_SHIPPED_TRAINING), bids)
     phantoms = find_cases(bids)
     studies = root / "studies"
     (studies / "T1w").mkdir(parents=True)

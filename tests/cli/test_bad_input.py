@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from imsct.cli import main as imsct_main
+from support.cases import LIKE_SHIPPED_TRAINING
 
 BIG_LIMIT_MB = 1  # the server's --conf max_upload_mb in this file
 
@@ -122,7 +123,7 @@ def case(tmp_path_factory):
     from imsct.phantoms import generate_case, write_case
 
     root = tmp_path_factory.mktemp("bad_input_phantom")
-    paths = write_case(generate_case(606060, 0, max_voxels=300_000), root / "bids")
+    paths = write_case(generate_case(606060, 0, max_voxels=300_000, **LIKE_SHIPPED_TRAINING), root / "bids")
     t2 = nib.load(str(paths["t2"]))
     lab = np.zeros(t2.shape, np.uint8)
     for value, suffix in ((1, "_seg-tumor"), (2, "_seg-edema"), (3, "_seg-cavity")):

@@ -5,14 +5,7 @@ import numpy as np
 from imsct.cascade import STAGE1_FIELD, Cascade
 from imsct.precision import use_bf16
 from imsct.io import load_volume
-
-
-def _has_healthy_option() -> bool:
-    import inspect
-
-    from imsct.phantoms import generate_case
-
-    return "healthy_fraction" in inspect.signature(generate_case).parameters
+from support.cases import LIKE_SHIPPED_TRAINING
 
 
 def dice(a, b):
@@ -24,7 +17,7 @@ def test_fast_default_agrees_with_float32_full_field(tmp_path, cascade):
     # the image is large enough for the difference to matter
     from imsct.phantoms import generate_case, write_case
 
-    paths = write_case(generate_case(424242, 0, healthy_fraction=0.0) if _has_healthy_option() else generate_case(424242, 0), tmp_path)
+    paths = write_case(generate_case(424242, 0, **LIKE_SHIPPED_TRAINING), tmp_path)
     t2, t1 = load_volume(paths["t2"]), load_volume(paths["t1"])
     fast = Cascade(cascade.localiser, cascade.segmenter)
     assert fast.amp == use_bf16("auto", fast.device) and fast.fit_field

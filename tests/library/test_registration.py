@@ -6,6 +6,7 @@ import pytest
 
 from imsct.io import Volume
 from imsct.phantoms import generate_case
+from support.cases import LIKE_SHIPPED_TRAINING
 from imsct.registration import apply_transform, displacement_mm, register_rigid, register_t1_to_t2, to_sitk
 
 
@@ -21,7 +22,7 @@ def _cord_points(case):
 
 @pytest.fixture(scope="module")
 def small_case():
-    return generate_case(100, 14, max_voxels=250_000)
+    return generate_case(100, 14, max_voxels=250_000, **LIKE_SHIPPED_TRAINING)
 
 
 def test_itk_image_has_the_nifti_geometry(small_case):
@@ -56,7 +57,7 @@ def test_known_translation_and_rotation_recovered_with_the_right_sign(small_case
 
 
 def test_misaligned_t1_recovered_within_1mm():
-    case = generate_case(100, 9, max_voxels=400_000, misalign_t1=(4.0, 3.0))
+    case = generate_case(100, 9, max_voxels=400_000, misalign_t1=(4.0, 3.0), **LIKE_SHIPPED_TRAINING)
     truth = np.asarray(case.info["t1_motion"]["correction_ras"])  # T1w world -> T2w world
     t2, t1 = _vol(case.t2), _vol(case.t1)
     fixed_t1, info = register_t1_to_t2(t2, t1)
