@@ -277,7 +277,8 @@ class Cascade:
             n_lo, n_hi = covering_box(lo + r_lo, lo + r_hi, w_aff, t2.shape, t2.affine)
             n_sl = tuple(slice(a, b) for a, b in zip(n_lo, n_hi))
             sub_shape = tuple(int(b - a) for a, b in zip(n_lo, n_hi))
-            probs_sub = resample(region, shifted(w_aff, lo + r_lo), sub_shape, shifted(t2.affine, n_lo)).numpy()
+            # a trilinear value is a convex combination of probabilities: in [0, 1] but for float rounding
+            probs_sub = np.clip(resample(region, shifted(w_aff, lo + r_lo), sub_shape, shifted(t2.affine, n_lo)).numpy(), 0.0, 1.0)
             sub = labelmap_from_probabilities(probs_sub, self.threshold)
             labelmap[n_sl] = postprocess_labelmap(sub, t2.voxel_volume_mm3, self.min_volume_cm3, self.fill_holes)
             if probs is not None:

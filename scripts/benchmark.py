@@ -38,6 +38,44 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("load", "resample", "localise", "segment", "postprocess", "save")
 
 
+def conv_flops(net, shape) -> float:
+    """Multiply-adds x 2 of every 3D convolution in one forward pass of ``net`` on an input of ``shape``."""
+    import torch
+
+    total = [0.0]
+
+    def hook(m, inp, out):
+        k = m.kernel_size[0] * m.kernel_size[1] * m.kernel_size[2]
+        total[0] += 2.0 * out.numel() * (m.in_channels // m.groups) * k
+
+    hs = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(shape))
+    finally:
+        for h in hs:
+            h.remove()
+    return total[0]
+
+
+def machine_conv_gflops(repeats: int = 5) -> float:
+    """This machine's float32 3D-convolution throughput (GFLOP/s): a 32 -> 32 channel 3x3x3
+    convolution on a 64 x 64 x 32 volume, the U-Nets' most common layer, best of ``repeats``."""
+    import torch
+
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1, bias=False).eval()
+    x = torch.randn(1, 32, 64, 64, 32)
+    flops = 2.0 * 32 * 32 * 27 * 64 * 64 * 32
+    best = float("inf")
+    with torch.no_grad():
+        conv(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
 def make_case(out: Path, seed: int = 7) -> tuple[Path, Path]:
     """A phantom acquired like the paper's median case: 545 x 545 x 20 T2w, T1w on its own grid."""
     import numpy as np
@@ -92,6 +130,9 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
     full = Cascade.from_models(models, backend=kind, **opts)
     cascade = full if cascade_mode else Cascade(None, full.segmenter, **opts)
     load_models_s = time.perf_counter() - t0
+    seen_windows = [0]  # stage-2 windows the sliding-window inferer really ran (all runs)
+    if kind == "eager":
+        cascade.segmenter.register_forward_pre_hook(lambda m, inp: seen_windows.__setitem__(0, seen_windows[0] + inp[0].shape[0]))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats + 1):
@@ -107,8 +148,20 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
             tm["total"] = sum(tm[s] for s in STAGES)
             runs.append(tm)
     steady = {k: statistics.median(r[k] for r in runs[1:]) for k in runs[0]}
+    # arithmetic of the two network stages (eager modules only; exported graphs do the same work)
+    flops = {}
+    if kind == "eager" and cascade_mode:
+        from imsct.cascade import fitted_field
+
+        t2 = load_volume(t2p, "T2w")
+        w = cascade.working(t2)
+        field = fitted_field(w.shape, cascade.field_size) if cascade.fit_field else cascade.field_size
+        flops["localise"] = conv_flops(cascade.localiser, (1, 1, *field))
+        n_windows = seen_windows[0] / len(runs)
+        flops["segment"] = n_windows * conv_flops(cascade.segmenter, (1, 2, *cascade.inferer.roi_size))
+        flops["windows"] = n_windows
     return {"backend": backend + (" bf16" if cascade.amp else ""), "cascade": cascade_mode, "threads": torch.get_num_threads(), "load_models_s": load_models_s,
-            "cold_total_s": runs[0]["total"], **steady,
+            "cold_total_s": runs[0]["total"], **steady, "flops": flops,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -228,8 +281,22 @@ def main(argv=None) -> int:
     default = cascades[0]
     whole = rows[-1]
     speedup = whole["total"] / default["total"]
-    print(f"cascade vs whole field ({default['backend']}): {default['total']:.2f} s vs {whole['total']:.2f} s = {speedup:.2f}x; "
-          f"fastest backend: {best['backend']} {best['total']:.2f} s")
+    fp32 = next((r for r in cascades if r["backend"].startswith("eager-fp32")), None)
+    print(f"ratios in this run: default ({default['backend']}) vs whole field: {speedup:.2f}x"
+          + (f"; vs the float32 full-field path (eager-fp32): {fp32['total'] / default['total']:.2f}x" if fp32 else "")
+          + f"; fastest backend: {best['backend']} {best['total']:.2f} s")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = machine_conv_gflops()
+    print(f"machine float32 3D convolution (32->32 ch, 3x3x3, 64x64x32): {peak:.1f} GFLOP/s on {torch.get_num_threads()} thread(s)")
+    for r in cascades:
+        f = r.get("flops") or {}
+        if f:
+            parts = [f"{stage} {f[stage] / 1e9:.0f} GFLOP in {r[stage]:.2f} s = {f[stage] / 1e9 / r[stage]:.1f} GFLOP/s "
+                     f"({100 * f[stage] / 1e9 / r[stage] / peak:.0f} % of the float32 conv rate)" for stage in ("localise", "segment")]
+            print(f"  {r['backend']}: " + "; ".join(parts) + f"; {f['windows']:.0f} stage-2 windows")
     next_ms = float("nan")
     if not args.skip_server:
         lat = server_latencies(t2p, t1p, args.repeats, args.threads)
