@@ -164,24 +164,31 @@ class Cascade:
         # t2_only: the segmenter was trained with the T1w channel zeroed; any T1w given is
         # ignored and the channel is fed as zeros
         self.t2_only = bool(t2_only)
+        self.backend = "eager" + (" bf16" if self.amp else "")  # what runs the networks (from_models sets it)
 
     @classmethod
     def from_models(cls, models_dir: str | Path | None = None, *, t2_only: bool = False, device: str | torch.device = "cpu",
-                    precision: str = "auto", backend: str = "eager", **kw) -> "Cascade":
+                    precision: str = "auto", backend: str = "auto", **kw) -> "Cascade":
         """The cascade of a models folder (default: the shipped ``bundle/models``): the localiser and
         the two-contrast stage-2 network, or with ``t2_only`` the T2w-only one. ``precision``:
-        ``auto`` (bfloat16 autocast where native), ``float32`` or ``bfloat16``; ``backend``: eager
-        PyTorch or the TorchScript / ONNX exports beside the weights."""
+        ``auto`` (bfloat16 where native), ``float32`` or ``bfloat16``; ``backend``: ``auto`` (the
+        fastest accurate one here, :func:`imsct.weights.auto_backend`), ``eager`` PyTorch (needed
+        for Monte-Carlo dropout), ``openvino``, or the ``torchscript`` / ``onnx`` exports beside the weights."""
         from . import weights
 
         if precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"precision {precision!r}: expected auto, float32 or bfloat16")
+        if backend == "auto":
+            backend = weights.auto_backend(device)
         keys = weights.CASCADE_MODELS[bool(t2_only)]
-        if backend == "eager":
-            weights.check_present(keys, models_dir)
-        loc, seg = (weights.load_backend(k, models_dir, backend) for k in keys)
-        kw.setdefault("amp", {"auto": "auto", "float32": False, "bfloat16": True}[precision])
-        return cls(loc, seg, device=device, t2_only=t2_only, **kw)
+        weights.check_present(keys, models_dir)
+        amp = kw.pop("amp", {"auto": "auto", "float32": False, "bfloat16": True}[precision])
+        bf16 = use_bf16(amp, torch.device(device))
+        loc, seg = (weights.load_backend(k, models_dir, backend, bf16=bf16) for k in keys)
+        # an exported graph runs in its own precision (OpenVINO: bf16 as asked; the others float32)
+        cascade = cls(loc, seg, device=device, t2_only=t2_only, amp=amp if backend == "eager" else False, **kw)
+        cascade.backend = backend + (" bf16" if bf16 and backend in ("eager", "openvino") else "")
+        return cascade
 
     def _autocast(self):
         if self.amp:

@@ -118,20 +118,27 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
     from imsct.io import load_volume
 
     t0 = time.perf_counter()
-    opts: dict = {}  # the defaults of inference.json: bf16 autocast where native, localiser field fitted to the image
-    if backend == "eager-fp32":  # the previous default: float32, the full 512x256x32 localiser field
-        opts = {"amp": False, "fit_field": False}
-    elif backend != "eager":  # the exported graphs run in float32
-        opts = {"amp": False}
-    kind = "eager" if backend.startswith("eager") else backend
+    # "default": what imsct segment and inference.json run here (backend and precision detected);
+    # "eager": PyTorch at the default precision; "eager-fp32": the earlier default, float32 on the
+    # full 512x256x32 localiser field; "openvino": OpenVINO at the default precision; the exported
+    # TorchScript / ONNX graphs run in float32
+    opts: dict = {}
+    if backend == "eager-fp32":
+        kind, opts = "eager", {"precision": "float32", "fit_field": False}
+    elif backend in ("default", "eager", "openvino"):
+        kind = {"default": "auto"}.get(backend, backend)
+    else:
+        kind, opts = backend, {"precision": "float32"}
     served = weights.CASCADE_MODELS[False]
-    if kind != "eager" and not all(weights.exported_path(k, models, kind).exists() for k in served):
+    if kind in weights.EXPORT_SUFFIX and not all(weights.exported_path(k, models, kind).exists() for k in served):
         weights.export_models(models, formats=(kind,), keys=served)
     full = Cascade.from_models(models, backend=kind, **opts)
-    cascade = full if cascade_mode else Cascade(None, full.segmenter, **opts)
+    cascade = full if cascade_mode else Cascade(None, full.segmenter, amp=full.amp, fit_field=full.fit_field)
+    cascade.backend = full.backend
+    kind = full.backend.split()[0]
     load_models_s = time.perf_counter() - t0
     seen_windows = [0]  # stage-2 windows the sliding-window inferer really ran (all runs)
-    if kind == "eager":
+    if isinstance(cascade.segmenter, torch.nn.Module):
         cascade.segmenter.register_forward_pre_hook(lambda m, inp: seen_windows.__setitem__(0, seen_windows[0] + inp[0].shape[0]))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,17 +157,17 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
     steady = {k: statistics.median(r[k] for r in runs[1:]) for k in runs[0]}
     # arithmetic of the two network stages (eager modules only; exported graphs do the same work)
     flops = {}
-    if kind == "eager" and cascade_mode:
+    if cascade_mode and seen_windows[0]:
         from imsct.cascade import fitted_field
 
         t2 = load_volume(t2p, "T2w")
         w = cascade.working(t2)
         field = fitted_field(w.shape, cascade.field_size) if cascade.fit_field else cascade.field_size
-        flops["localise"] = conv_flops(cascade.localiser, (1, 1, *field))
+        flops["localise"] = conv_flops(weights.build("localiser"), (1, 1, *field))
         n_windows = seen_windows[0] / len(runs)
-        flops["segment"] = n_windows * conv_flops(cascade.segmenter, (1, 2, *cascade.inferer.roi_size))
+        flops["segment"] = n_windows * conv_flops(weights.build("tumour"), (1, 2, *cascade.inferer.roi_size))
         flops["windows"] = n_windows
-    return {"backend": backend + (" bf16" if cascade.amp else ""), "cascade": cascade_mode, "threads": torch.get_num_threads(), "load_models_s": load_models_s,
+    return {"backend": f"{backend}: {cascade.backend}" + ("" if cascade.fit_field else ", 512x256x32 field"), "cascade": cascade_mode, "threads": torch.get_num_threads(), "load_models_s": load_models_s,
             "cold_total_s": runs[0]["total"], **steady, "flops": flops,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -245,7 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: torch's choice)")
     ap.add_argument("--work", default="work/benchmark")
-    ap.add_argument("--backends", default="eager,eager-fp32,torchscript,onnx")
+    ap.add_argument("--backends", default="default,eager-fp32,eager,openvino,torchscript,onnx")
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--only-server", action="store_true", help="only the MONAI Label latencies")
     args = ap.parse_args(argv)
@@ -282,9 +289,11 @@ def main(argv=None) -> int:
     whole = rows[-1]
     speedup = whole["total"] / default["total"]
     fp32 = next((r for r in cascades if r["backend"].startswith("eager-fp32")), None)
+    eager = next((r for r in cascades if r["backend"].startswith("eager:")), None)
     print(f"ratios in this run: default ({default['backend']}) vs whole field: {speedup:.2f}x"
           + (f"; vs the float32 full-field path (eager-fp32): {fp32['total'] / default['total']:.2f}x" if fp32 else "")
-          + f"; fastest backend: {best['backend']} {best['total']:.2f} s")
+          + (f"; vs eager PyTorch at the same precision: {eager['total'] / default['total']:.2f}x" if eager else "")
+          + f"; fastest: {best['backend']} {best['total']:.2f} s")
     import torch
 
     if args.threads:

@@ -4,7 +4,7 @@ network on the whole field, same training data and the same training budget.
     python scripts/cascade_experiment.py --train work/shipped/train --cache work/shipped/cache \
         --heldout work/heldout --epochs 12 --out work/cascade_exp --doc bundle/docs/cascade_experiment.md
 
-    # reuse the shipped stage 2 (bundle/models/model.pt, trained by scripts/train_shipped.py) as the
+    # reuse the shipped stage 2 (bundle/models/, trained by scripts/train_shipped.py) as the
     # cascade arm and train only the single network with the same recipe (read from provenance.json)
     python scripts/cascade_experiment.py --reuse-cascade bundle/models/provenance.json \
         --heldout work/shipped/heldout --out work/cascade_exp_full --doc bundle/docs/cascade_experiment.md
@@ -19,7 +19,7 @@ its validation picked (``best.pt``, highest validation mean Dice, as train_shipp
 shipped weights), stored as float16 like the shipped weights.
 
 With ``--reuse-cascade PROVENANCE`` the cascade arm is not retrained: its weights are the ones
-next to that provenance.json (``model.pt``), its recipe (epochs, samples, batch, patch, seed,
+next to that provenance.json (the 'tumour' weights of imsct.weights), its recipe (epochs, samples, batch, patch, seed,
 validation fraction and interval) is read from the record's stage-2 bundle command and used for the
 single-network arm, and its training time comes from the record (and its log, when given).
 """
@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
 
 from bundle_train import seconds_per_iteration, start_bundle_training  # noqa: E402
+
+from imsct.labels import CLASSES  # noqa: E402
 
 RECIPE_KEYS = {"epochs": int, "samples_per_epoch": int, "batch_size": int, "seed": int, "val_fraction": float, "val_interval": int}
 
@@ -97,7 +99,7 @@ def log_span_s(log: str) -> float:
 
 def dice_stats(summary: dict) -> dict:
     return {c: {"mean": summary[f"{c}_dice_mean"], "std": summary[f"{c}_dice_std"], "n": summary[f"{c}_dice_n"]}
-            for c in ("tumor", "edema", "cavity", "whole-tumor")}
+            for c in CLASSES}
 
 
 def interleaved_timing(cascades: dict, cases, repeats: int = 1) -> dict:
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout-seed", type=int, default=9000)
     ap.add_argument("--models", default=str(BUNDLE / "models"), help="for the cascade arm's localiser")
     ap.add_argument("--reuse-cascade", default=None, metavar="PROVENANCE",
-                    help="provenance.json of already trained cascade weights (model.pt next to it): do not retrain the "
+                    help="provenance.json of already trained cascade weights (next to them): do not retrain the "
                          "cascade arm, train only the single network with that record's stage-2 recipe")
     ap.add_argument("--cascade-log", default=None, help="with --reuse-cascade: that run's stage-2 bundle log (seconds per iteration)")
     ap.add_argument("--epochs", type=int, default=12)
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
         iters = args.epochs * args.samples // args.batch
         st2 = record["stages"]["2"]
         log_s = seconds_per_iteration(Path(args.cascade_log).read_text()) if args.cascade_log else float("nan")
-        reused = {"weights": str(Path(args.reuse_cascade).parent / "model.pt"), "wall_s": st2["wall_s"], "threads": st2["threads"],
+        reused = {"weights": str(imsct_weights.path("tumour", Path(args.reuse_cascade).parent)), "wall_s": st2["wall_s"], "threads": st2["threads"],
                   "seconds_per_iteration": log_s if log_s == log_s else st2["wall_s"] / iters,
                   "seconds_per_iteration_source": f"median gap between iterations in {args.cascade_log}" if log_s == log_s
                   else "recorded wall time / iterations (includes validation)",
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=1))
     fmt = lambda m, sd: "n/a" if m is None else f"{m:.3f} ± {sd:.3f}"
     rows = ["| | cascade | single network | cascade gain |", "|---|---|---|---|"]
-    for k in ("tumor", "edema", "cavity", "whole-tumor"):
+    for k in CLASSES:
         g = results["cascade_gain_dice_points"][k]
         rows.append(f"| Dice {k} (n={c['dice_n'][k]}) | {fmt(c['dice'][k], c['dice_std'][k])} | {fmt(s['dice'][k], s['dice_std'][k])} | "
                     f"{'n/a' if g is None else f'{g:+.1f} points'} |")

@@ -21,11 +21,14 @@ from imsct.cascade import Cascade  # noqa: E402
 from imsct.labels import REPORT_ORDER  # noqa: E402
 
 
-def evaluate(models, data_dir, cases: int, seed: int, out_dir=None, t2_only: bool = False) -> dict:
+def evaluate(models, data_dir, cases: int, seed: int, out_dir=None, t2_only: bool = False, backend: str = "auto",
+             precision: str = "auto", fit_field: bool = True, phantoms: dict | None = None) -> dict:
     data_dir = Path(data_dir)
     if not (data_dir / "participants.tsv").exists():
-        generate_dataset(data_dir, cases, seed)
-    ev = CohortEvaluator(Cascade.from_models(models, t2_only=t2_only), str(data_dir), str(out_dir or data_dir.parent / (data_dir.name + "_eval")))
+        generate_dataset(data_dir, cases, seed, **(phantoms or {}))
+    cascade = Cascade.from_models(models, t2_only=t2_only, backend=backend, precision=precision, fit_field=fit_field)
+    print(f"backend {cascade.backend}, fit_field {cascade.fit_field}", flush=True)
+    ev = CohortEvaluator(cascade, str(data_dir), str(out_dir or data_dir.parent / (data_dir.name + "_eval")))
     summary = ev.run()
     keys = [f"{c}_dice_mean" for c in REPORT_ORDER] + ["stage1_dice_mean", "lesion_voxels_in_box", "subjects_lesions_fully_in_box", "seconds_per_case_mean"]
     print(json.dumps({k: (round(summary[k], 4) if isinstance(summary[k], float) else summary[k]) for k in keys}))
@@ -43,8 +46,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--seed", type=int, default=9000)
     ap.add_argument("--t2-only", action="store_true", help="the T2w-only network, T1w ignored")
+    ap.add_argument("--backend", default="auto", help="auto (default), eager, openvino, torchscript, onnx")
+    ap.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
+    ap.add_argument("--full-field", action="store_true", help="the localiser on the full 512x256x32 field")
+    ap.add_argument("--like-shipped-training", action="store_true",
+                    help="generate phantoms in the appearance the shipped weights were trained on (lesions, paper contrasts, 2D sagittal)")
     args = ap.parse_args(argv)
-    evaluate(args.models, args.data, args.cases, args.seed, args.out, args.t2_only)
+    phantoms = ({"healthy_fraction": 0.0, "random_intensity_fraction": 0.0, "acquisition": "sagittal", "storage": "int16"}
+                if args.like_shipped_training else None)
+    evaluate(args.models, args.data, args.cases, args.seed, args.out, args.t2_only, args.backend, args.precision,
+             not args.full_field, phantoms)
     return 0
 
 

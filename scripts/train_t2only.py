@@ -2,10 +2,10 @@
 
     python scripts/train_t2only.py --work work/shipped --epochs 15 --samples 40 --batch 4
 
-Fine-tunes the shipped two-contrast network (bundle/models/model.pt) through the bundle's
+Fine-tunes the shipped two-contrast network (model 'tumour' of imsct.weights) through the bundle's
 train.json with ``--t1_dropout 1.0`` (the T1w channel is always zero, as inference without T1w
 feeds it) on the same training phantoms and split as the shipped weights, copies the best
-checkpoint to bundle/models/model_t2only.pt, then evaluates both the two-contrast and the T2w-only
+checkpoint as model 'tumour_t2only' in bundle/models/, then evaluates both the two-contrast and the T2w-only
 cascade on the same held-out phantoms and records everything in
 bundle/models/provenance_t2only.json.
 """
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
         weights.save_weights(weights.load("tumour_t2only", file=out / "best.pt"), weights.path("tumour_t2only", models))
         record = {
             "command": "python scripts/train_t2only.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "start": "bundle/models/model.pt (the shipped two-contrast network), fine-tuned with the T1w channel always zero",
-            "training_data": f"{work / 'train'} (python -m imsct.phantoms --cases 80 --seed 1000, as for model.pt), split seed {args.seed}",
+            "start": f"bundle/models/{WEIGHTS['two_contrast']} (the shipped two-contrast network), fine-tuned with the T1w channel always zero",
+            "training_data": f"{work / 'train'} (python -m imsct.phantoms --cases 80 --seed 1000, as for {WEIGHTS['two_contrast']}), split seed {args.seed}",
             "bundle_command": " ".join(cmd), "threads": args.threads, "wall_s": round(time.time() - t0, 1),
             "selected": "best.pt (highest validation mean Dice, T1w zeroed)", **parse_log(log.read_text()),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},

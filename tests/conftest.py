@@ -29,4 +29,4 @@ def cascade():
 
     # float32: geometry and export checks compare outputs to 1e-3; the bfloat16 default path is
     # exercised by the command line, bundle and app tests and compared with this one in test_cascade_fast_path
-    return Cascade.from_models(keep_probabilities=True, precision="float32")
+    return Cascade.from_models(keep_probabilities=True, precision="float32", backend="eager")

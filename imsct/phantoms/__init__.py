@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from ..io import voxel_volume_mm3
-from ..labels import CORD_BOX_SUFFIX, CORD_SUFFIX, SEG_SUFFIXES
+from ..labels import CORD_BOX_SUFFIX, CORD_SUFFIX, LABELS, SEG_SUFFIXES
 from .anatomy import CORD, TISSUES, PhantomSpec, grown, healthy_version, lesion_volumes, random_spec
 from .render import (ACQUISITIONS, ORIENTATIONS, STORAGES, Acquisition, Appearance, apply_texture, corrupt_float, encode,
                      label_map, nifti, random_acquisition, random_appearance, render_labels_and_tissue, texture_fields)
@@ -255,7 +255,7 @@ def _render_visit(
         "tissue_means": {"t2": dict(zip(TISSUES, app.lut2.round(4).tolist())), "t1": dict(zip(TISSUES, app.lut1.round(4).tolist()))},
     }
     if volume_truth:
-        soft = {k: float(fr[k].sum() * vox) for k in ("tumor", "edema", "cavity")}
+        soft = {k: float(fr[k].sum() * vox) for k in LABELS}
         soft["whole-tumor"] = sum(soft.values())
         info["true_volumes_mm3"] = lesion_volumes(spec)
         info["true_volumes_in_field_mm3"] = lesion_volumes(spec, field=(shape, to_anatomy @ affine))

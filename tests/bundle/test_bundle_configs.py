@@ -11,26 +11,33 @@ from imsct.cascade import ROI_SIZE, Cascade
 from support.paths import BUNDLE
 
 
-def parsed(*configs):
+def parsed(*configs, **overrides):
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
     parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
     parser["bundle_root"] = str(BUNDLE)
+    for k, v in overrides.items():
+        parser[k] = v
     return parser
 
 
-@pytest.fixture(scope="module")
-def bundle_cascade():
+def _bundle_cascade(**overrides):
     cwd = os.getcwd()
     os.chdir(BUNDLE)
     try:
-        return parsed("inference.json").get_parsed_content("cascade")
+        return parsed("inference.json", **overrides).get_parsed_content("cascade")
     finally:
         os.chdir(cwd)
 
 
+@pytest.fixture(scope="module")
+def bundle_cascade():
+    return _bundle_cascade()
+
+
 def test_inference_config_matches_the_library_defaults(bundle_cascade):
     lib = Cascade.from_models()
+    assert bundle_cascade.localiser.__class__.__name__ == lib.localiser.__class__.__name__  # same backend
     for attr in ("threshold", "min_volume_cm3", "fill_holes", "field_size", "fit_field", "safety_factor", "spacing", "amp",
                  "t2_only", "min_t1_coverage", "keep_probabilities"):
         assert getattr(bundle_cascade, attr) == getattr(lib, attr), attr
@@ -39,11 +46,12 @@ def test_inference_config_matches_the_library_defaults(bundle_cascade):
         assert (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b), attr
 
 
-def test_inference_config_loads_the_table_s_weights(bundle_cascade):
-    lib = Cascade.from_models()
-    for a, b in ((bundle_cascade.localiser, lib.localiser), (bundle_cascade.segmenter, lib.segmenter)):
+def test_inference_config_loads_the_table_s_weights():
+    bundle = _bundle_cascade(backend="eager")
+    lib = Cascade.from_models(backend="eager")
+    for a, b in ((bundle.localiser, lib.localiser), (bundle.segmenter, lib.segmenter)):
         sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
+        assert sa and sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
 
 
 def test_training_config_builds_the_same_networks_and_validates_like_inference():

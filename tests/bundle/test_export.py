@@ -23,7 +23,7 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key", list(weights.MODELS))
-@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+@pytest.mark.parametrize("backend", ["torchscript", "onnx", "openvino"])
 def test_exported_matches_eager(exported, key, backend):
     eager = weights.load(key, exported)
     net = weights.load_backend(key, exported, backend)
@@ -35,11 +35,28 @@ def test_exported_matches_eager(exported, key, backend):
             a, b = net(x), eager(x)
         # what the cascade uses: sigmoid probabilities
         prob_diff = (torch.sigmoid(a) - torch.sigmoid(b)).abs().max().item()
-        assert prob_diff < 1e-4, (stem, ext, shape, prob_diff)
+        # OpenVINO's float32 CPU kernels reorder the reductions more (measured 3e-4 / 2.4e-5 relative)
+        tol_prob, tol_logit = (1e-3, 1e-4) if backend == "openvino" else (1e-4, 2e-5)
+        assert prob_diff < tol_prob, (stem, ext, shape, prob_diff)
         # raw logits: ONNX Runtime's float32 kernels drift ~1e-4 on logits of magnitude ~10
         # (PyTorch eager is the closer of the two to a float64 reference), so compare relatively
         logit_diff = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
-        assert logit_diff < 2e-5, (stem, ext, shape, logit_diff)
+        assert logit_diff < tol_logit, (stem, ext, shape, logit_diff)
+
+
+def test_openvino_graph_made_once_into_the_cache(tmp_path, monkeypatch):
+    """Without an export beside the weights, OpenVINO reads an ONNX graph made once into the user
+    cache, named by the weights' hash, and the network gives the eager network's output."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(weights.path("localiser"), weights.path("localiser", models))
+    monkeypatch.setenv("IMSCT_CACHE", str(tmp_path / "cache"))
+    net = weights.load_backend("localiser", models, "openvino")
+    made = list((tmp_path / "cache" / "onnx").glob("localiser-*.onnx"))
+    assert len(made) == 1 and weights.onnx_source("localiser", models) == made[0]
+    x = torch.randn(1, 1, 64, 64, 32)
+    with torch.no_grad():
+        assert (torch.sigmoid(net(x)) - torch.sigmoid(weights.load("localiser", models)(x))).abs().max() < 1e-3
 
 
 def test_monai_ckpt_export_route(exported, tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from imsct import __version__, cli
+from imsct import __version__, cli, weights
 
 
 @pytest.mark.parametrize("command", cli.COMMANDS)
@@ -38,4 +38,4 @@ def test_help_loads_neither_torch_nor_monai():
 
 def test_export_names_a_missing_model(tmp_path, capsys):
     assert cli.main(["export", "--models", str(tmp_path), "--model", "tumour"]) == 2
-    assert "model.pt not found" in capsys.readouterr().err
+    assert f"{weights.spec('tumour').filename} not found" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import numpy as np
 
 from imsct.cascade import STAGE1_FIELD, Cascade
 from imsct.precision import use_bf16
+from imsct.weights import auto_backend
 from imsct.io import load_volume
 from support.cases import LIKE_SHIPPED_TRAINING
 
@@ -19,8 +20,9 @@ def test_fast_default_agrees_with_float32_full_field(tmp_path, cascade):
 
     paths = write_case(generate_case(424242, 0, **LIKE_SHIPPED_TRAINING), tmp_path)
     t2, t1 = load_volume(paths["t2"]), load_volume(paths["t1"])
-    fast = Cascade(cascade.localiser, cascade.segmenter)
-    assert fast.amp == use_bf16("auto", fast.device) and fast.fit_field
+    fast = Cascade.from_models()  # the default: fastest accurate backend and precision of this machine
+    bf16 = use_bf16("auto", fast.device)
+    assert fast.backend == auto_backend("cpu") + (" bf16" if bf16 else "") and fast.fit_field
     reference = Cascade(cascade.localiser, cascade.segmenter, amp=False, fit_field=False, field_size=STAGE1_FIELD)
     a, b = reference(t2, t1), fast(t2, t1)
     assert a.labelmap.shape == b.labelmap.shape == t2.shape

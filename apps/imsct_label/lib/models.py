@@ -91,7 +91,8 @@ class ModelStore:
                     return self._cascade  # this change was refused already: keep serving
                 log.info("loading weights from %s (%s)", self.models_dir, stamp)
                 try:
-                    cascade = Cascade.from_models(self.models_dir, device=self.device, **self.cascade_kw)
+                    # eager PyTorch: Monte-Carlo dropout scoring switches the network's dropout layers on
+                    cascade = Cascade.from_models(self.models_dir, device=self.device, backend="eager", **self.cascade_kw)
                 except Exception as exc:  # noqa: BLE001 - any unreadable weight file
                     reason = f"weights in {self.models_dir} could not be loaded: {type(exc).__name__}: {exc}"
                     self.refused = {"files": stamp, "reason": reason[:2000]}
