@@ -72,6 +72,7 @@ def cord_box(mask: np.ndarray, shape: tuple[int, ...], safety=SAFETY_FACTOR, min
 # tests/bundle/test_bundle_configs.py fails when the two disagree.
 THRESHOLD = 0.5
 SW_BATCH_SIZE = 4
+OPENVINO_SW_BATCH_SIZE = 1
 SW_OVERLAP = 0.25
 SW_MODE = "gaussian"
 MIN_T1_COVERAGE = 0.5
@@ -185,6 +186,10 @@ class Cascade:
         amp = kw.pop("amp", {"auto": "auto", "float32": False, "bfloat16": True}[precision])
         bf16 = use_bf16(amp, torch.device(device))
         loc, seg = (weights.load_backend(k, models_dir, backend, bf16=bf16) for k in keys)
+        if backend == "openvino" and "inferer" not in kw:
+            # one window per call: as fast as four through OpenVINO (paper-sized case, AVX2: 1.62 vs 1.65 s)
+            # and 0.5 GiB less memory (1.70 vs 2.22 GiB)
+            kw["inferer"] = sliding_window_inferer(sw_batch_size=OPENVINO_SW_BATCH_SIZE)
         # an exported graph runs in its own precision (OpenVINO: bf16 as asked; the others float32)
         cascade = cls(loc, seg, device=device, t2_only=t2_only, amp=amp if backend == "eager" else False, **kw)
         cascade.backend = backend + (" bf16" if bf16 and backend in ("eager", "openvino") else "")

@@ -138,7 +138,7 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
     kind = full.backend.split()[0]
     load_models_s = time.perf_counter() - t0
     seen_windows = [0]  # stage-2 windows the sliding-window inferer really ran (all runs)
-    if isinstance(cascade.segmenter, torch.nn.Module):
+    if isinstance(cascade.segmenter, torch.nn.Module) and not isinstance(cascade.segmenter, torch.jit.ScriptModule):
         cascade.segmenter.register_forward_pre_hook(lambda m, inp: seen_windows.__setitem__(0, seen_windows[0] + inp[0].shape[0]))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,6 +155,7 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
             tm["total"] = sum(tm[s] for s in STAGES)
             runs.append(tm)
     steady = {k: statistics.median(r[k] for r in runs[1:]) for k in runs[0]}
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the FLOP count below runs networks
     # arithmetic of the two network stages (eager modules only; exported graphs do the same work)
     flops = {}
     if cascade_mode and seen_windows[0]:
@@ -169,7 +170,7 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
         flops["windows"] = n_windows
     return {"backend": f"{backend}: {cascade.backend}" + ("" if cascade.fit_field else ", 512x256x32 field"), "cascade": cascade_mode, "threads": torch.get_num_threads(), "load_models_s": load_models_s,
             "cold_total_s": runs[0]["total"], **steady, "flops": flops,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gib": peak_rss_gib}
 
 
 def child(argv) -> int:
