@@ -7,7 +7,6 @@ so volume thresholds use the native voxel size.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from .io import InputError, Volume
 from .labels import LABELS, MIN_VOLUME_CM3
 from .postprocess import labelmap_from_probabilities, largest_component, postprocess_labelmap
 from .precision import use_bf16
+from .windows import padding_safe
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,11 @@ MIN_T1_COVERAGE = 0.5
 
 
 def sliding_window_inferer(roi_size=ROI_SIZE, sw_batch_size: int = SW_BATCH_SIZE, overlap: float = SW_OVERLAP, mode: str = SW_MODE):
-    """Stage 2's Gaussian-blended sliding-window inferer (MONAI), with the recipe's defaults."""
-    from monai.inferers import SlidingWindowInferer
+    """Stage 2's Gaussian-blended sliding-window inferer (MONAI's, through :class:`imsct.windows.PaddingSafeInferer`:
+    windows fitted to the crop, replicate padding, z-score over real voxels), with the recipe's defaults."""
+    from .windows import PaddingSafeInferer
 
-    return SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+    return PaddingSafeInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
 
 
 @dataclass
@@ -146,7 +147,9 @@ class Cascade:
         # segmenter=None: a localiser-only cascade (continual learning's stage-1 rounds)
         self.localiser = localiser.to(self.device).eval() if localiser is not None else None
         self.segmenter = segmenter.to(self.device).eval() if segmenter is not None else None
-        self.inferer = inferer or sliding_window_inferer()
+        # every stage-2 window goes through the padding-safe rule of imsct.windows (a plain MONAI
+        # SlidingWindowInferer given here is converted with its settings)
+        self.inferer = padding_safe(inferer) if inferer is not None else sliding_window_inferer()
         self.threshold = threshold
         self.min_volume_cm3 = {**MIN_VOLUME_CM3, **(min_volume_cm3 or {})}
         self.fill_holes = fill_holes
@@ -246,11 +249,9 @@ class Cascade:
 
     @torch.no_grad()
     def segment_crop(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
-        """Stage 2 by Gaussian-blended sliding window on a ``(2, ...)`` crop: ``(4, ...)`` probabilities."""
-        inferer = self.inferer
-        if progress and hasattr(inferer, "progress"):
-            inferer = copy.copy(inferer)  # a progress bar for this call only
-            inferer.progress = True
+        """Stage 2 by Gaussian-blended sliding window on a ``(2, ...)`` crop: ``(4, ...)`` probabilities.
+        Windows are fitted to the crop and never hold zero padding (:mod:`imsct.windows`)."""
+        inferer = self.inferer.with_progress() if progress else self.inferer  # a progress bar for this call only
         with self._autocast():
             logits = inferer(torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device), self.segmenter)
         return torch.sigmoid(logits.float())[0].cpu().numpy()
