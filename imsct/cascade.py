@@ -318,6 +318,8 @@ class Cascade:
             n_sl = tuple(slice(a, b) for a, b in zip(n_lo, n_hi))
             sub_shape = tuple(int(b - a) for a, b in zip(n_lo, n_hi))
             probs_sub = resample(region, shifted(w_aff, lo + r_lo), sub_shape, shifted(t2.affine, n_lo)).numpy()
+            # trilinear weights sum to 1 only up to float rounding: keep probabilities within [0, 1]
+            np.clip(probs_sub, 0.0, 1.0, out=probs_sub)
             sub = labelmap_from_probabilities(probs_sub, self.threshold)
             if cord is not None and cord.any() and sub.any():
                 region = cord_region(cord, self.spacing, self.cord_margin_mm).astype(np.uint8)
