@@ -7,7 +7,6 @@ so volume thresholds use the native voxel size.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ import torch
 from .geometry import WORKING_SPACING, covering_box, crop_or_pad, field_overlap, fields_intersect, resample, shifted, to_working, working_grid
 from .io import InputError, Volume
 from .labels import LABELS, MIN_VOLUME_CM3
-from .postprocess import labelmap_from_probabilities, largest_component, postprocess_labelmap
+from .postprocess import keep_touching, labelmap_from_probabilities, largest_component, postprocess_labelmap
 from .precision import use_bf16
+from .windows import padding_safe
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,41 @@ OPENVINO_SW_BATCH_SIZE = 1
 SW_OVERLAP = 0.25
 SW_MODE = "gaussian"
 MIN_T1_COVERAGE = 0.5
+# The intramedullary constraint (Cascade(cord_constraint=...)): lesions must overlap the stage-1
+# region dilated by this margin. The region is the localiser's target, a 30 mm-diameter cylinder
+# around the centreline, which already reaches ~9-11 mm beyond the surface of a normal cord (about
+# 8 x 12 mm AP x RL); the 5 mm margin absorbs the localiser's own error at the region's boundary
+# and ends (a predicted region thinner or shorter than its target, the 2 mm right-left voxels)
+# without reaching the posterior neck muscles, ~20 mm and more behind the centreline. A lesion is
+# judged whole (imsct.postprocess.keep_touching), so a tumour that widens the cord is never cut.
+CORD_CONSTRAINT = True
+CORD_MARGIN_MM = 5.0
+
+
+def cord_region(cord: np.ndarray, spacing, margin_mm: float = CORD_MARGIN_MM) -> np.ndarray:
+    """The stage-1 cord mask (working grid, voxel ``spacing`` in mm) dilated by ``margin_mm``
+    (Euclidean, in mm): the region lesions must overlap."""
+    from scipy import ndimage
+
+    cord = np.asarray(cord) > 0
+    if margin_mm <= 0 or not cord.any():
+        return cord
+    # only the cord's bounding box grown by the margin can change
+    idx = np.argwhere(cord)
+    pad = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int) + 1
+    lo, hi = np.maximum(idx.min(0) - pad, 0), np.minimum(idx.max(0) + 1 + pad, cord.shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    out = np.zeros(cord.shape, bool)
+    out[sl] = ndimage.distance_transform_edt(~cord[sl], sampling=spacing) <= margin_mm
+    return out
 
 
 def sliding_window_inferer(roi_size=ROI_SIZE, sw_batch_size: int = SW_BATCH_SIZE, overlap: float = SW_OVERLAP, mode: str = SW_MODE):
-    """Stage 2's Gaussian-blended sliding-window inferer (MONAI), with the recipe's defaults."""
-    from monai.inferers import SlidingWindowInferer
+    """Stage 2's Gaussian-blended sliding-window inferer (MONAI's, through :class:`imsct.windows.PaddingSafeInferer`:
+    windows fitted to the crop, replicate padding, z-score over real voxels), with the recipe's defaults."""
+    from .windows import PaddingSafeInferer
 
-    return SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+    return PaddingSafeInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
 
 
 @dataclass
@@ -104,6 +132,7 @@ class CascadeResult:
     affine: np.ndarray
     box_working: tuple[np.ndarray, np.ndarray] | None  # stage-1 box on the working grid
     cord_found: bool
+    cord_constraint: bool  # whether lesions outside the cord region were removed (on, and a cord was there)
     cord_working: np.ndarray  # stage-1 mask (largest component) on the working grid
     working_shape: tuple[int, int, int]
     working_affine: np.ndarray
@@ -141,13 +170,17 @@ class Cascade:
         safety_factor: tuple[float, float, float] = SAFETY_FACTOR,
         spacing: tuple[float, float, float] = WORKING_SPACING,
         t2_only: bool = False,
+        cord_constraint: bool = CORD_CONSTRAINT,
+        cord_margin_mm: float = CORD_MARGIN_MM,
     ):
         self.device = torch.device(device)
         # localiser=None: no cascade, stage 2 runs over the whole field (the paper's baseline);
         # segmenter=None: a localiser-only cascade (continual learning's stage-1 rounds)
         self.localiser = localiser.to(self.device).eval() if localiser is not None else None
         self.segmenter = segmenter.to(self.device).eval() if segmenter is not None else None
-        self.inferer = inferer or sliding_window_inferer()
+        # every stage-2 window goes through the padding-safe rule of imsct.windows (a plain MONAI
+        # SlidingWindowInferer given here is converted with its settings)
+        self.inferer = padding_safe(inferer) if inferer is not None else sliding_window_inferer()
         self.threshold = threshold
         self.min_volume_cm3 = {**MIN_VOLUME_CM3, **(min_volume_cm3 or {})}
         self.fill_holes = fill_holes
@@ -166,6 +199,11 @@ class Cascade:
         # ignored and the channel is fed as zeros
         self.t2_only = bool(t2_only)
         self.backend = "eager" + (" bf16" if self.amp else "")  # what runs the networks (from_models sets it)
+        # cord_constraint: remove lesions that do not overlap the cord region (the stage-1 mask, or
+        # the cord given to the call, dilated by cord_margin_mm) before the volume thresholds;
+        # with no cord (stage 1 found none, or no localiser) everything is kept, with a warning
+        self.cord_constraint = bool(cord_constraint)
+        self.cord_margin_mm = float(cord_margin_mm)
 
     @classmethod
     def from_models(cls, models_dir: str | Path | None = None, *, t2_only: bool = False, device: str | torch.device = "cpu",
@@ -258,19 +296,21 @@ class Cascade:
 
     @torch.no_grad()
     def segment_crop(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
-        """Stage 2 by Gaussian-blended sliding window on a ``(2, ...)`` crop: ``(4, ...)`` probabilities."""
-        inferer = self.inferer
-        if progress and hasattr(inferer, "progress"):
-            inferer = copy.copy(inferer)  # a progress bar for this call only
-            inferer.progress = True
+        """Stage 2 by Gaussian-blended sliding window on a ``(2, ...)`` crop: ``(4, ...)`` probabilities.
+        Windows are fitted to the crop and never hold zero padding (:mod:`imsct.windows`)."""
+        inferer = self.inferer.with_progress() if progress else self.inferer  # a progress bar for this call only
         with self._autocast():
             logits = inferer(torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device), self.segmenter)
         return torch.sigmoid(logits.float())[0].cpu().numpy()
 
     def to_native(self, probs_crop: np.ndarray, box, w_aff: np.ndarray, t2: Volume,
-                  keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                  keep_probabilities: bool = False, cord: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Stage 2's box probabilities back onto the T2w's exact grid, thresholded and
         post-processed there: the label map (and the ``(4, ...)`` probabilities when kept).
+
+        ``cord`` (the working-grid cord mask, given when the constraint applies): lesions that do
+        not overlap :func:`cord_region` of it are removed before holes are filled and small
+        components dropped (the probabilities, when kept, are left as the network gave them).
 
         Probabilities are zero outside the box, so only the T2w voxels that the box reaches are
         resampled and post-processed (the same result as on the whole grid, at a fraction of it).
@@ -289,9 +329,14 @@ class Cascade:
             n_lo, n_hi = covering_box(lo + r_lo, lo + r_hi, w_aff, t2.shape, t2.affine)
             n_sl = tuple(slice(a, b) for a, b in zip(n_lo, n_hi))
             sub_shape = tuple(int(b - a) for a, b in zip(n_lo, n_hi))
-            # a trilinear value is a convex combination of probabilities: in [0, 1] but for float rounding
-            probs_sub = np.clip(resample(region, shifted(w_aff, lo + r_lo), sub_shape, shifted(t2.affine, n_lo)).numpy(), 0.0, 1.0)
+            probs_sub = resample(region, shifted(w_aff, lo + r_lo), sub_shape, shifted(t2.affine, n_lo)).numpy()
+            # trilinear weights sum to 1 only up to float rounding: keep probabilities within [0, 1]
+            np.clip(probs_sub, 0.0, 1.0, out=probs_sub)
             sub = labelmap_from_probabilities(probs_sub, self.threshold)
+            if cord is not None and cord.any() and sub.any():
+                region = cord_region(cord, self.spacing, self.cord_margin_mm).astype(np.uint8)
+                region_sub = to_working(region, w_aff, sub_shape, shifted(t2.affine, n_lo), label=True)
+                sub = keep_touching(sub, region_sub)
             labelmap[n_sl] = postprocess_labelmap(sub, t2.voxel_volume_mm3, self.min_volume_cm3, self.fill_holes)
             if probs is not None:
                 probs[(slice(None), *n_sl)] = probs_sub
@@ -363,7 +408,8 @@ class Cascade:
         cord_w, box = self.find_box(w.data, given)
         tm["localise"] = time.perf_counter() - t0
         if given is None and self.localiser is not None and not cord_w.any():
-            log.warning("%s: no spinal cord found by stage 1; segmenting the whole field", t2.path)
+            log.warning("%s: no spinal cord found by stage 1; segmenting the whole field%s", t2.path,
+                        " without the cord constraint" if self.cord_constraint else "")
         t0 = time.perf_counter()
         crop, coverage = self.stage2_input(w.data, w.affine, box, t1)
         if coverage < self.min_t1_coverage:
@@ -380,7 +426,7 @@ class Cascade:
 
         stage("postprocess")
         t0 = time.perf_counter()
-        labelmap, probs = self.to_native(probs_crop, box, w.affine, t2, keep)
+        labelmap, probs = self.to_native(probs_crop, box, w.affine, t2, keep, cord_w if self.cord_constraint else None)
         tm["postprocess"] = time.perf_counter() - t0
         stage("done")
         return CascadeResult(
@@ -389,6 +435,7 @@ class Cascade:
             affine=t2.affine,
             box_working=box,
             cord_found=bool(cord_w.any()),
+            cord_constraint=bool(self.cord_constraint and cord_w.any()),
             cord_working=cord_w,
             working_shape=w.shape,
             working_affine=w.affine,
@@ -397,4 +444,4 @@ class Cascade:
 
 
 __all__ = ["Cascade", "CascadeResult", "Working", "stage1_input", "cord_box", "zscore", "sliding_window_inferer",
-           "STAGE1_FIELD", "ROI_SIZE", "SAFETY_FACTOR", "THRESHOLD", "SW_OVERLAP", "SW_BATCH_SIZE", "SW_MODE", "LABELS"]
+           "cord_region", "CORD_CONSTRAINT", "CORD_MARGIN_MM", "STAGE1_FIELD", "ROI_SIZE", "SAFETY_FACTOR", "THRESHOLD", "SW_OVERLAP", "SW_BATCH_SIZE", "SW_MODE", "LABELS"]

@@ -10,6 +10,10 @@ Growth rates, with ``t`` the time between the visits in years (days / 365.25):
 * linear: ``(V2 - V1) / t`` in mm3/year, and ``100 (V2 - V1) / V1 / t`` in %/year;
 * compound (annualised): ``100 ((V2 / V1) ** (1 / t) - 1)`` in %/year, the constant yearly rate
   that turns V1 into V2 (for a lesion growing exponentially, it is the same whatever the interval).
+
+Where V1 is 0 (no lesion of that class at visit 1, or at either visit) the relative numbers are not
+computable: they are reported as missing (``null`` in JSON, empty in CSV, ``n/a`` on the console)
+with the reason in ``growth_note``; the absolute change and mm3/year are still given.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ DAYS_PER_YEAR = 365.25
 CSV_COLUMNS = [
     "class", "volume_visit1_mm3", "volume_visit2_mm3", "change_mm3", "change_percent", "rate_mm3_per_year",
     "rate_percent_per_year_linear", "rate_percent_per_year_compound", "dice_after_alignment",
-    "components_visit1", "components_visit2", "new_components", "vanished_components",
+    "components_visit1", "components_visit2", "new_components", "vanished_components", "growth_note",
 ]
 
 
@@ -116,6 +120,11 @@ def growth(v1: float, v2: float, years: float) -> dict:
         out["change_percent"] = 100.0 * change / v1
         out["rate_percent_per_year_linear"] = out["change_percent"] / years
         out["rate_percent_per_year_compound"] = 100.0 * ((v2 / v1) ** (1.0 / years) - 1.0)
+        out["growth_note"] = ""
+    elif v2 > 0:
+        out["growth_note"] = "relative growth not computable: volume 0 at visit 1 (a new lesion at visit 2)"
+    else:
+        out["growth_note"] = "relative growth not computable: no lesion at either visit (volume 0 at both)"
     return out
 
 
@@ -192,6 +201,9 @@ def table(result: dict) -> str:
             f"{_fmt(c['rate_percent_per_year_compound']):>10}{_fmt(c['dice_after_alignment'], 2):>7}"
             f"{c['new_components']:>5}{c['vanished_components']:>5}"
         )
+    for name, c in result["classes"].items():
+        if c.get("growth_note"):
+            lines.append(f"{name}: {c['growth_note']}")
     return "\n".join(lines)
 
 

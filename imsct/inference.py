@@ -78,7 +78,8 @@ def segment_volumes(cascade: Cascade, t2: Volume, t1: Volume | None, output_dir:
     paths, volumes = write_outputs(res.labelmap, t2.affine, name, output_dir,
                                    res.probabilities if probabilities else None)
     info = {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
-            "seconds": round(time.perf_counter() - t0, 2), "cord_found": res.cord_found, "timings": res.timings}
+            "seconds": round(time.perf_counter() - t0, 2), "cord_found": res.cord_found,
+            "cord_constraint": res.cord_constraint, "lesion_found": bool(res.labelmap.any()), "timings": res.timings}
     if registration is not None:
         info["t1_registration"] = registration
     return info
@@ -114,7 +115,8 @@ class BatchRunner:
                 continue
             self.results[case.name] = info
             vols = ", ".join(f"{k} {v:.2f} cm3" for k, v in info["volumes_cm3"].items())
-            log.info("[%d/%d] %s: %s (%.1f s)", i, len(cases), case.name, vols, info["seconds"])
+            found = "" if any(v > 0 for v in info["volumes_cm3"].values()) else "no lesion found: "
+            log.info("[%d/%d] %s: %s%s (%.1f s)", i, len(cases), case.name, found, vols, info["seconds"])
             for p in info["outputs"].values():
                 log.info("    %s", Path(p).resolve())
         if self.errors and self.exit_on_error:

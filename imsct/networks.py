@@ -115,16 +115,31 @@ class PatchNormalised(nn.Module):
 
     Lemay et al. normalise stage-2 inputs per patch; putting it in the module makes training
     patches, sliding-window inference and exported models all normalise the same way.
+
+    The input may carry one channel more than the network takes: a validity mask (1 where the
+    voxel belongs to the image, 0 where it is padding; :mod:`imsct.windows`). The mean and
+    standard deviation are then taken over the valid voxels only and the mask is dropped; with a
+    mask of ones the result is exactly the unmasked z-score.
     """
 
     def __init__(self, net: nn.Module, eps: float = 1e-5):
         super().__init__()
         self.net = net
         self.eps = eps
+        self.in_channels = int(getattr(net, "in_channels", 0))
+        self.accepts_validity = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=(2, 3, 4), keepdim=True)
-        std = x.std(dim=(2, 3, 4), keepdim=True)
+        if x.shape[1] == self.in_channels + 1:
+            valid = (x[:, -1:] > 0.5).to(x.dtype)
+            x = x[:, :-1]
+            n = valid.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0)
+            mean = (x * valid).sum(dim=(2, 3, 4), keepdim=True) / n
+            var = (((x - mean) * valid) ** 2).sum(dim=(2, 3, 4), keepdim=True) / (n - 1.0).clamp(min=1.0)
+            std = torch.sqrt(var)
+        else:
+            mean = x.mean(dim=(2, 3, 4), keepdim=True)
+            std = x.std(dim=(2, 3, 4), keepdim=True)
         return self.net((x - mean) / (std + self.eps))
 
 

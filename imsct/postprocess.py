@@ -61,3 +61,22 @@ def postprocess_labelmap(
         kept = remove_small(mask, min_volume_cm3.get(name, 0.0) * 1000.0 / voxel_mm3)
         sub[mask & ~kept] = 0
     return out
+
+
+def keep_touching(labelmap: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The intramedullary constraint: drop every lesion that does not overlap ``region`` (the cord
+    region, a binary mask on the same grid). A lesion is a 26-connected component of the whole
+    tumour (any label), judged as a whole and kept whole: tumour, edema and cavity of one lesion are
+    contiguous, so an edema or a syrinx that extends beyond the region from a tumour inside it is
+    kept with it, and a large tumour that widens the cord past the region survives as long as any
+    voxel of it touches the region. Labels are kept as they are; returns a new label map."""
+    out = np.asarray(labelmap).copy()
+    if not out.any():
+        return out
+    lab, n = ndimage.label(out > 0, structure=np.ones((3, 3, 3), bool))
+    touching = np.unique(lab[(lab > 0) & (np.asarray(region) > 0)])
+    keep = np.zeros(n + 1, bool)
+    keep[touching] = True
+    keep[0] = False
+    out[~keep[lab]] = 0
+    return out

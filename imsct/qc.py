@@ -447,6 +447,10 @@ def _entry_html(index: int, subject: Subject, info: dict | None, error: str | No
                 f'<img class="plain" loading="lazy" src="img/{_e(im["plain"])}?v={v}" width="{im["width"]}" height="{im["height"]}" alt="{alt}">'
                 "</figure>"
             )
+        whole = (((info.get("morphometrics") or {}).get("classes") or {}).get("whole-tumor") or {})
+        if whole.get("count", None) == 0:
+            # an empty label map is a valid answer: say so, rather than leave a table of zeros to read
+            parts.append('<p class="nolesion"><b>No lesion found</b>: the label map is empty (0 tumour, edema or cavity).</p>')
         parts.append(morphometrics_table(info.get("morphometrics")))
     parts.append(
         '<div class="qc" role="group" aria-label="QC mark">'

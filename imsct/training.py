@@ -63,8 +63,12 @@ def stage2_target(label: np.ndarray) -> np.ndarray:
     return np.stack([label == 1, label == 2, label == 3, label > 0]).astype(np.float32)
 
 
-def _random_crop(arrays: list[np.ndarray], size, rng: np.random.Generator, centre=None) -> list[np.ndarray]:
-    """Same crop (zero-padded where the image is smaller) of several ``(C, ...)`` arrays."""
+def _random_crop(arrays: list[np.ndarray], size, rng: np.random.Generator, centre=None, pad: str = "zeros") -> list[np.ndarray]:
+    """Same crop of several ``(C, ...)`` arrays. Where the image is smaller than ``size`` the crop
+    is padded: with zeros (``pad="zeros"``: stage 1, whose field is zero-padded by definition) or,
+    for stage 2 (``pad="replicate"``), by the rule of :mod:`imsct.windows`: the edge voxel repeated
+    and a validity mask (1 real, 0 padding) returned as one more array, so that the network's
+    z-score ignores the padding exactly as it does at inference."""
     spatial = np.asarray(arrays[0].shape[-3:])
     size = np.asarray(size)
     if centre is None:
@@ -72,10 +76,20 @@ def _random_crop(arrays: list[np.ndarray], size, rng: np.random.Generator, centr
     else:
         lo = np.asarray(centre) - size // 2 + rng.integers(-size // 4, size // 4 + 1)
         lo = np.clip(lo, np.minimum(0, spatial - size), np.maximum(0, spatial - size))
+    s_lo, s_hi = np.maximum(lo, 0), np.minimum(lo + size, spatial)
+    if pad == "replicate":
+        from .windows import pad_replicate
+
+        # a region shorter than the patch is taken whole (lo clipped to 0) and padded at its far end
+        sl = (..., *[slice(int(x), int(y)) for x, y in zip(s_lo, s_hi)])
+        out, valid = [], None
+        for a in arrays:
+            padded, valid = pad_replicate(np.ascontiguousarray(a[sl]), size)
+            out.append(padded)
+        return [*out, valid.astype(np.float32)]
     out = []
     for a in arrays:
         o = np.zeros(a.shape[:-3] + tuple(size), a.dtype)
-        s_lo, s_hi = np.maximum(lo, 0), np.minimum(lo + size, spatial)
         d_lo = s_lo - lo
         o[(..., *[slice(x, y) for x, y in zip(d_lo, d_lo + s_hi - s_lo)])] = a[(..., *[slice(x, y) for x, y in zip(s_lo, s_hi)])]
         out.append(o)
@@ -103,8 +117,10 @@ def stage2_region(d, crop_to_cord: bool = True) -> tuple[slice, ...]:
 
 
 def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion: float = 0.67, crop_to_cord: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """A patch of [T2w, T1w] inside the (true) cord box, centred on a lesion voxel with
-    probability ``p_lesion`` so that small classes are seen."""
+    """A patch of [T2w, T1w, validity] inside the (true) cord box, centred on a lesion voxel with
+    probability ``p_lesion`` so that small classes are seen. A region smaller than the patch is
+    replicate-padded and the padding marked invalid (:mod:`imsct.windows`): the third channel is
+    the validity mask that :class:`imsct.networks.PatchNormalised` reads and drops."""
     d = np.load(npz)
     sl = stage2_region(d, crop_to_cord)
     img = np.stack([d["t2"][sl], d["t1"][sl]])
@@ -114,13 +130,16 @@ def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion:
         cls = rng.choice([c for c in range(3) if tgt[c].any()])
         idx = np.argwhere(tgt[cls] > 0)
         centre = idx[rng.integers(len(idx))]
-    x, y = _random_crop([img, tgt], patch, rng, centre)
-    return x, y
+    x, y, valid = _random_crop([img, tgt], patch, rng, centre, pad="replicate")
+    return np.concatenate([x, valid[None]]), y
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, prob: float,
+             validity: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Random affine of the paper (rotation +-5 deg, scaling +-10 %, translation +-3 %), applied to a
-    batch with the same warp for image (linear) and target (nearest)."""
+    batch with the same warp for image (linear) and target (nearest). ``validity`` (stage 2): the
+    image's last channel is the validity mask; the warp then samples outside the patch with the
+    border value (no zero edge, :mod:`imsct.windows`) and the mask marks those voxels invalid."""
     if prob <= 0 or rng.random() >= prob:
         return x, y
     import torch.nn.functional as F
@@ -136,8 +155,13 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, prob: f
         thetas.append(np.concatenate([m, rng.uniform(-0.06, 0.06, (3, 1))], axis=1))
     theta = torch.as_tensor(np.stack(thetas), dtype=torch.float32)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return (F.grid_sample(x, grid, mode="bilinear", align_corners=False),
-            F.grid_sample(y, grid, mode="nearest", align_corners=False))
+    if not validity:
+        return (F.grid_sample(x, grid, mode="bilinear", align_corners=False),
+                F.grid_sample(y, grid, mode="nearest", align_corners=False))
+    img = F.grid_sample(x[:, :-1], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    valid = (F.grid_sample(x[:, -1:], grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.999).to(x.dtype)
+    return (torch.cat([img, valid], dim=1),
+            F.grid_sample(y, grid, mode="nearest", padding_mode="border", align_corners=False))
 
 
 # ---- pieces the bundle's train.json wires into MONAI's ignite workflows ----------------------
@@ -180,7 +204,10 @@ class PatchDataset(torch.utils.data.Dataset):
 
     ``t1_dropout``: probability that a stage-2 sample's T1w channel is replaced by zeros (modality
     dropout); 1.0 trains the T2w-only network that ``--t2-only`` runs (a constant channel is zero
-    after the network's per-patch z-scoring, exactly what inference feeds when T1w is absent)."""
+    after the network's per-patch z-scoring, exactly what inference feeds when T1w is absent).
+
+    Stage 0 / 2 images have three channels, [T2w, T1w, validity]: the patch-padding rule of
+    :mod:`imsct.windows`, the same as the inference and validation windows."""
 
     def __init__(self, files, stage: int, patch, samples: int = 100, augment_prob: float = 0.5, p_lesion: float = 0.67,
                  t1_dropout: float = 0.0):
@@ -200,14 +227,15 @@ class PatchDataset(torch.utils.data.Dataset):
             x, y = stage2_sample(f, rng, self.patch, self.p_lesion, crop_to_cord=self.stage == 2)
             if self.t1_dropout > 0 and rng.random() < self.t1_dropout:
                 x[1] = 0.0
-        xt, yt = _augment(torch.from_numpy(x)[None], torch.from_numpy(y)[None], rng, self.augment_prob)
+        xt, yt = _augment(torch.from_numpy(x)[None], torch.from_numpy(y)[None], rng, self.augment_prob, validity=self.stage != 1)
         return {"image": xt[0], "label": yt[0]}
 
 
 class ValidationDataset(torch.utils.data.Dataset):
     """Whole validation inputs as the cascade sees them: the localiser's field (stage 1) or the
     [T2w, T1w] crop of the cord box (stage 2), with their targets (``t2_only``: T1w zeroed, as
-    inference without T1w sees it)."""
+    inference without T1w sees it). Stage 2's crop goes through the validation inferer of
+    ``train.json``, :class:`imsct.windows.PaddingSafeInferer`: the windows of inference."""
 
     def __init__(self, files, stage: int, t2_only: bool = False):
         self.files, self.stage, self.t2_only = list(files), int(stage), bool(t2_only)

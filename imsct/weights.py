@@ -156,11 +156,16 @@ def export_torchscript(net: torch.nn.Module, path: str | Path) -> Path:
 
 
 def export_onnx(net: torch.nn.Module, path: str | Path, in_channels: int, example_shape=(64, 64, 32), opset: int = 17) -> Path:
-    """ONNX graph with dynamic batch and spatial axes (each a multiple of 16)."""
+    """ONNX graph with dynamic batch and spatial axes (each a multiple of 16). A network that takes
+    the validity channel (:mod:`imsct.windows`) is exported with it: ``in_channels + 1`` inputs."""
     import torch
 
+    from .windows import accepts_validity
+
     path = Path(path)
-    x = torch.randn(1, in_channels, *example_shape)
+    x = torch.randn(1, in_channels + int(accepts_validity(net)), *example_shape)
+    if accepts_validity(net):
+        x[:, -1] = 1.0
     axes = {0: "batch", 2: "si", 3: "ap", 4: "rl"}
     replace_atomically(path, lambda out: torch.onnx.export(net.eval(), (x,), out, input_names=["image"], output_names=["logits"],
                                                            dynamic_axes={"image": axes, "logits": axes}, opset_version=opset, dynamo=False))
@@ -187,9 +192,10 @@ def export_models(models_dir: str | Path | None = None, out_dir: str | Path | No
     return written
 
 
-def onnx_network(path: str | Path, threads: int | None = None) -> "torch.nn.Module":
+def onnx_network(path: str | Path, threads: int | None = None, image_channels: int | None = None) -> "torch.nn.Module":
     """An ONNX Runtime session behind the ``nn.Module`` interface the cascade and MONAI's
-    sliding-window inferer expect (tensor in, tensor out, on the CPU)."""
+    sliding-window inferer expect (tensor in, tensor out, on the CPU). A graph with one input
+    channel more than ``image_channels`` takes the validity channel (:mod:`imsct.windows`)."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -202,6 +208,8 @@ def onnx_network(path: str | Path, threads: int | None = None) -> "torch.nn.Modu
                 opts.intra_op_num_threads = int(threads)
             self.path = str(path)
             self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+            channels = self.session.get_inputs()[0].shape[1]
+            self.accepts_validity = image_channels is not None and channels == image_channels + 1
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = self.session.run(None, {"image": x.detach().float().cpu().numpy()})[0]
@@ -210,13 +218,13 @@ def onnx_network(path: str | Path, threads: int | None = None) -> "torch.nn.Modu
     return OnnxNetwork()
 
 
-def load_exported(path: str | Path) -> torch.nn.Module:
+def load_exported(path: str | Path, image_channels: int | None = None) -> torch.nn.Module:
     """A TorchScript (``.ts``/``.pt``) or ONNX (``.onnx``) network, ready for the cascade."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"exported model {path}: not found (write it with 'imsct export')")
     if path.suffix == ".onnx":
-        return onnx_network(path)
+        return onnx_network(path, image_channels=image_channels)
     import torch
 
     return torch.jit.load(str(path), map_location="cpu").eval()
@@ -246,6 +254,9 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
+ONNX_GRAPH_FORMAT = "validity"  # graphs of stage 2 take the validity channel (a cache name part: older graphs are not reused)
+
+
 def onnx_source(key: str, models_dir: str | Path | None = None) -> Path:
     """An ONNX graph of model ``key``'s current weights: the export beside them when it is newer than
     the weights, else one made once into the user cache, named by the weights' SHA-256."""
@@ -256,7 +267,7 @@ def onnx_source(key: str, models_dir: str | Path | None = None) -> Path:
     if beside.is_file() and beside.stat().st_mtime >= weights_file.stat().st_mtime:
         return beside
     digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:16]
-    cached = _cache_dir() / "onnx" / f"{spec(key).stem}-{digest}.onnx"
+    cached = _cache_dir() / "onnx" / f"{spec(key).stem}-{digest}-{ONNX_GRAPH_FORMAT}.onnx"
     if not cached.is_file():
         import warnings
 
@@ -267,7 +278,8 @@ def onnx_source(key: str, models_dir: str | Path | None = None) -> Path:
     return cached
 
 
-def openvino_network(onnx_path: str | Path, bf16: bool = False, threads: int | None = None) -> "torch.nn.Module":
+def openvino_network(onnx_path: str | Path, bf16: bool = False, threads: int | None = None,
+                     image_channels: int | None = None) -> "torch.nn.Module":
     """An OpenVINO CPU inference of an ONNX graph behind the ``nn.Module`` interface (tensor in,
     tensor out), in float32 or, with ``bf16``, bfloat16 (native only on AVX512-BF16/AMX CPUs)."""
     import numpy as np
@@ -283,6 +295,9 @@ def openvino_network(onnx_path: str | Path, bf16: bool = False, threads: int | N
         def __init__(self):
             super().__init__()
             self.path, self.bf16 = str(onnx_path), bool(bf16)
+            channels = compiled.input(0).get_partial_shape()[1]
+            self.accepts_validity = (image_channels is not None and channels.is_static
+                                     and channels.get_length() == image_channels + 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = compiled(np.ascontiguousarray(x.detach().float().cpu().numpy()))[0]
@@ -298,10 +313,10 @@ def load_backend(key: str, models_dir: str | Path | None = None, backend: str = 
         return load(key, models_dir)
     if backend == "openvino":
         check_present([key], models_dir)
-        return openvino_network(onnx_source(key, models_dir), bf16=bf16)
+        return openvino_network(onnx_source(key, models_dir), bf16=bf16, image_channels=spec(key).in_channels)
     if backend not in EXPORT_SUFFIX:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    return load_exported(exported_path(key, models_dir, backend))
+    return load_exported(exported_path(key, models_dir, backend), image_channels=spec(key).in_channels)
 
 
 __all__ = ["MODELS", "ModelFile", "CASCADE_MODELS", "DEFAULT_MODELS_DIR", "spec", "stage_model", "path", "build", "load",

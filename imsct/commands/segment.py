@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop components smaller than this (cm3): one value for every class or per class, "
                              "e.g. tumor=0.2,edema=0.5 (default tumor 0.2, edema 0.5, cavity 0.5)")
     parser.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the masks")
+    parser.add_argument("--no-cord-constraint", action="store_true",
+                        help="keep lesions outside the cord region too (default: a lesion must overlap stage 1's cord "
+                             "region dilated by 5 mm, since intramedullary lesions lie inside the cord)")
     parser.add_argument("--probabilities", action="store_true",
                         help="also save per-class probability maps <name>_prob-<class>.nii.gz (float32, T2w grid)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
@@ -154,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import segment_volumes
 
     cascade = Cascade.from_models(models, t2_only=args.t2_only, device=args.device, precision=args.precision,
-                                  threshold=args.thr, min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes)
+                                  threshold=args.thr, min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes,
+                                  cord_constraint=not args.no_cord_constraint)
     startup_s = time.perf_counter() - t_start  # checks, reading the images, imports, loading the networks
     show = args.progress or sys.stderr.isatty()
     with stage_progress(show) as on_stage:
@@ -173,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         outputs["morphometrics-csv"], outputs["morphometrics-json"] = write_tables(result, out_dir / f"{name}_morphometrics")
 
     if not info.get("cord_found", True):
-        print(f"imsct segment: warning: no spinal cord found on {t2}; the whole field was segmented", file=sys.stderr)
+        print(f"imsct segment: warning: no spinal cord found on {t2}; the whole field was segmented"
+              + ("" if args.no_cord_constraint else " and the cord constraint not applied"), file=sys.stderr)
     print(f"T2w {t2.resolve()}" + (f"\nT1w {t1.resolve()}" if t1 is not None else " (T2w-only model)"))
     reg = info.get("t1_registration")
     if reg:
@@ -185,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
     for k, p in outputs.items():
         print(f"  {k:<{width}}  {p.resolve()}")
     vols = ", ".join(f"{k} {v:.3f}" for k, v in info["volumes_cm3"].items())
+    if not any(v > 0 for v in info["volumes_cm3"].values()):
+        # an empty answer is a valid answer: empty masks were written, and the run succeeded
+        print("no lesion found: " + ", ".join(f"{k} 0.00 cm3" for k in info["volumes_cm3"]))
     print(f"volumes (cm3): {vols}")
     print(f"time: {info['seconds']:.1f} s for the case (start-up before it: {startup_s:.1f} s, reading the images, "
           f"loading the networks on {cascade.backend})")

@@ -354,3 +354,39 @@ def test_result_file_survives_the_servers_clean_up_when_the_client_runs_on_the_s
         assert np.array_equal(np.asarray(load_volume(copy, "client copy").data), lab)
     finally:
         Path(copy).unlink(missing_ok=True)
+
+
+def test_cascade_infer_task_answers_an_empty_label_map(tmp_path, monkeypatch):
+    """The app's /infer task (in process: the module's server is not disturbed, its datastore is
+    asserted on elsewhere) on a scan with no lesion: here every component falls below a 1000 cm3
+    minimum, so the answer is empty whatever the weights. The result is an all-zero label map on
+    the T2w grid with 0 cm3 per class, not an error; the served app keeps the default cord constraint."""
+    monkeypatch.syspath_prepend(str(APP))
+    from lib.contrasts import local_t1_path
+    from lib.infer import CascadeInfer
+    from lib.models import ModelStore, seed_models
+
+    from imsct.phantoms import generate_case, write_case
+
+    paths = write_case(generate_case(9503, 0, max_voxels=200_000, **{**LIKE_SHIPPED_TRAINING, "healthy_fraction": 1.0}), tmp_path / "bids")
+    studies = tmp_path / "studies"
+    (studies / "T1w").mkdir(parents=True)
+    shutil.copy(paths["t2"], studies / "healthy.nii.gz")
+    shutil.copy(paths["t1"], studies / "T1w" / "healthy.nii.gz")
+
+    class Datastore:
+        def t1_path(self, image_id):
+            return local_t1_path(studies, image_id)
+
+        def update_image_info(self, image_id, info):
+            pass
+
+    models = tmp_path / "models"
+    seed_models(models, ROOT / "bundle" / "models")
+    store = ModelStore(models, min_volume_cm3={"tumor": 1000.0, "edema": 1000.0, "cavity": 1000.0})
+    assert store.cascade().cord_constraint  # the app uses the library's default
+    out, params = CascadeInfer(store, Datastore)({"image": str(studies / "healthy.nii.gz"), "image_id": "healthy"})
+    lab, t2 = nib.load(out), nib.load(paths["t2"])
+    assert lab.shape == t2.shape and not np.asarray(lab.dataobj).any()
+    assert params["volumes_cm3"] == {name: 0.0 for name in LABELS}
+    assert params["cord_found"] in (True, False)

@@ -157,3 +157,19 @@ def test_verify_metadata_against_schema():
     from monai.bundle import verify_metadata
 
     verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=os.environ["IMSCT_META_SCHEMA"])
+
+
+def test_empty_answer_through_the_bundle(tmp_path):
+    """A case with no lesion (every component below a 1000 cm3 minimum) is a success: empty masks
+    written, 'no lesion found' logged, exit 0; the cord_constraint key is accepted."""
+    from imsct.phantoms import generate_case, write_case
+    from support.cases import LIKE_SHIPPED_TRAINING
+
+    write_case(generate_case(9502, 0, max_voxels=200_000, **{**LIKE_SHIPPED_TRAINING, "healthy_fraction": 1.0}), tmp_path / "ds")
+    out = tmp_path / "out"
+    proc = run_bundle(tmp_path / "ds", out, "--min_volume_cm3", "{'tumor': 1000, 'edema': 1000, 'cavity': 1000}",
+                      "--cord_constraint", "False")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no lesion found" in proc.stdout + proc.stderr
+    masks = sorted(out.glob("*_seg-*.nii.gz"))
+    assert len(masks) == 5 and all(not np.asarray(nib.load(m).dataobj).any() for m in masks)

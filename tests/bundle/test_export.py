@@ -31,8 +31,14 @@ def test_exported_matches_eager(exported, key, backend):
     torch.manual_seed(1)
     for shape in ((64, 64, 32), (128, 96, 32)):  # dynamic spatial size
         x = torch.randn(1, channels, *shape)
+        from imsct.windows import accepts_validity
+
+        # stage 2's graphs take the validity channel (all ones: a window of real voxels, the same
+        # z-score as the eager network without it)
+        x_in = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if accepts_validity(net) else x
+        assert accepts_validity(net) == (weights.spec(key).stage == 2)
         with torch.no_grad():
-            a, b = net(x), eager(x)
+            a, b = net(x_in), eager(x)
         # what the cascade uses: sigmoid probabilities
         prob_diff = (torch.sigmoid(a) - torch.sigmoid(b)).abs().max().item()
         # OpenVINO's float32 CPU kernels reorder the reductions more (measured 3e-4 / 2.4e-5 relative)

@@ -269,3 +269,22 @@ def test_parse_remove_small():
 def test_default_models_dir_is_the_shipped_bundle():
     assert weights.DEFAULT_MODELS_DIR == ROOT / "bundle" / "models"
     assert all(weights.path(key).exists() for key in weights.MODELS)
+
+
+def test_empty_answer_is_a_valid_answer(tmp_path):
+    """A scan with no lesion (here: every component below a 1000 cm3 minimum, so the answer is empty
+    whatever the weights) writes empty masks, says 'no lesion found' with 0.00 cm3 per class and exits 0;
+    --no-cord-constraint is accepted; the morphometrics of the empty map count 0 lesions."""
+    from imsct.phantoms import generate_case, write_case
+    from support.cases import LIKE_SHIPPED_TRAINING
+
+    paths = write_case(generate_case(9501, 0, max_voxels=200_000, **{**LIKE_SHIPPED_TRAINING, "healthy_fraction": 1.0}), tmp_path / "bids")
+    out = tmp_path / "seg"
+    proc = imsct("segment", "--t2", paths["t2"], "--t2-only", "--remove-small", "1000", "--no-cord-constraint",
+                 "--morphometrics", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "no lesion found: tumor 0.00 cm3, edema 0.00 cm3, cavity 0.00 cm3, whole-tumor 0.00 cm3" in proc.stdout
+    masks = sorted(out.glob("*_seg-*.nii.gz"))
+    assert len(masks) == 5 and all(not np.asarray(nib.load(m).dataobj).any() for m in masks)
+    morpho = json.loads(next(out.glob("*_morphometrics.json")).read_text())
+    assert all(c["count"] == 0 and c["volume_mm3"] == 0 for c in morpho["classes"].values())
