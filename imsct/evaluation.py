@@ -82,6 +82,12 @@ def summarise(rows: list[dict]) -> dict:
             m, s, n = _mean_std(r[f"{name}_{metric}"] for r in src)
             out[f"{name}_{metric}_mean"], out[f"{name}_{metric}_std"], out[f"{name}_{metric}_n"] = m, s, n
     out["stage1_dice_mean"], out["stage1_dice_std"], _ = _mean_std(r["stage1_dice"] for r in rows)
+    # subjects without any lesion in the truth: how often the cascade finds none, and what it invents
+    healthy = [r for r in rows if r["whole-tumor_n_true"] == 0]
+    out["healthy_cases"] = len(healthy)
+    out["healthy_no_lesion_fraction"] = float(np.mean([r["whole-tumor_n_pred"] == 0 for r in healthy])) if healthy else None
+    out["healthy_fp_whole_cm3_mean"], out["healthy_fp_whole_cm3_std"], _ = _mean_std(
+        r["whole-tumor_vol_pred_mm3"] / 1000.0 for r in healthy)
     vin = sum(r["box_lesion_voxels_in"] for r in rows)
     vall = sum(r["box_lesion_voxels"] for r in rows)
     out["lesion_voxels_in_box"] = vin / vall if vall else 1.0

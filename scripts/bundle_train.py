@@ -22,11 +22,12 @@ def bundle_train_command(**overrides) -> list[str]:
     return cmd
 
 
-def start_bundle_training(log: Path, threads: int, **overrides) -> tuple[subprocess.Popen, list[str]]:
-    """Start one training process from bundle/ with ``threads`` CPU threads, output to ``log``."""
+def start_bundle_training(log: Path, threads: int, append: bool = False, **overrides) -> tuple[subprocess.Popen, list[str]]:
+    """Start one training process from bundle/ with ``threads`` CPU threads, output to ``log``
+    (appended to with ``append``, as a resumed run does)."""
     cmd = bundle_train_command(**overrides)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.Popen(cmd, cwd=BUNDLE, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=BUNDLE, env=env, stdout=open(log, "a" if append else "w"), stderr=subprocess.STDOUT)
     return proc, cmd
 
 
@@ -51,6 +52,15 @@ def log_span_s(log: str) -> float | None:
         return None
     t = [dt.datetime.strptime(v, "%Y-%m-%d %H:%M:%S,%f") for v in (stamps[0], stamps[-1])]
     return round((t[1] - t[0]).total_seconds(), 1)
+
+
+def training_wall_s(log: str, pause_s: float = 1800.0) -> float:
+    """Seconds of training in a log that may hold several runs (a run and its resumptions): the sum
+    of the gaps between consecutive time stamps, leaving out gaps over ``pause_s`` (the time between
+    a stopped run and its resumption; no epoch or validation of these trainings takes that long)."""
+    t = [dt.datetime.strptime(v, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+         for v in re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) - ", log, re.M)]
+    return round(sum(g for g in (b - a for a, b in zip(t, t[1:])) if g <= pause_s), 1)
 
 
 def seconds_per_iteration(log: str) -> float:

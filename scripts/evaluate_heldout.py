@@ -30,7 +30,9 @@ def evaluate(models, data_dir, cases: int, seed: int, out_dir=None, t2_only: boo
     print(f"backend {cascade.backend}, fit_field {cascade.fit_field}", flush=True)
     ev = CohortEvaluator(cascade, str(data_dir), str(out_dir or data_dir.parent / (data_dir.name + "_eval")))
     summary = ev.run()
-    keys = [f"{c}_dice_mean" for c in REPORT_ORDER] + ["stage1_dice_mean", "lesion_voxels_in_box", "subjects_lesions_fully_in_box", "seconds_per_case_mean"]
+    keys = [f"{c}_dice_mean" for c in REPORT_ORDER] + ["stage1_dice_mean", "lesion_voxels_in_box", "subjects_lesions_fully_in_box",
+                                                      "healthy_cases", "healthy_no_lesion_fraction", "healthy_fp_whole_cm3_mean",
+                                                      "seconds_per_case_mean"]
     print(json.dumps({k: (round(summary[k], 4) if isinstance(summary[k], float) else summary[k]) for k in keys}))
     return summary
 

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
 
-from bundle_train import parse_log, start_bundle_training  # noqa: E402
+from bundle_train import parse_log, start_bundle_training, training_wall_s  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads1", type=int, default=1)
     ap.add_argument("--threads2", type=int, default=2)
     ap.add_argument("--device", default=None, help="e.g. cuda:0 (default: what the bundle picks)")
-    ap.add_argument("--eval-cases", type=int, default=20)
+    ap.add_argument("--patience", type=int, default=4,
+                    help="stop a stage after this many validations without a gain of 0.001 in mean Dice")
+    ap.add_argument("--finetune", action="store_true",
+                    help="start each stage from the weights now in --models instead of from random weights")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each stage from its newest checkpoint in --work (after a stop or a crash)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="train nothing: take each stage's best.pt from --work, write the provenance, evaluate")
+    ap.add_argument("--eval-cases", type=int, default=40)
     ap.add_argument("--eval-seed", type=int, default=9000)
     args = ap.parse_args(argv)
 
@@ -60,7 +68,12 @@ def main(argv=None) -> int:
         generate_dataset(data, args.cases, args.seed, progress=True)
     gen_s = round(time.time() - t0, 1)
 
-    common = {"seed": args.seed, "val_fraction": args.val_fraction, "val_interval": args.val_interval}
+    common = {"seed": args.seed, "val_fraction": args.val_fraction, "val_interval": args.val_interval,
+              "early_stop_patience": args.patience}
+    if args.finetune:
+        common["finetune"] = True
+    if args.resume:
+        common["resume"] = True
     if args.device:
         common["device"] = f"$torch.device('{args.device}')"
     plans = {
@@ -75,31 +88,43 @@ def main(argv=None) -> int:
     procs, logs, cmds = {}, {}, {}
     for stage, plan in plans.items():
         logs[stage] = work / f"stage{stage}.log"
+        plan = dict(plan, finetune_ckpt=weights.stage_model(stage).path(Path(args.models))) if args.finetune else plan
+        if args.no_train:
+            from bundle_train import bundle_train_command
+
+            cmds[stage] = bundle_train_command(dataset_dir=data, output_dir=work / f"stage{stage}", cache_dir=cache, stage=stage, **plan)
+            continue
+        # a resumed run appends to the log, so that the learning curve and the wall time cover every run
         procs[stage], cmds[stage] = start_bundle_training(
-            logs[stage], threads[stage], dataset_dir=data, output_dir=work / f"stage{stage}", cache_dir=cache, stage=stage, **plan)
+            logs[stage], threads[stage], append=args.resume, dataset_dir=data, output_dir=work / f"stage{stage}",
+            cache_dir=cache, stage=stage, **plan)
         print(f"stage {stage}: training, log in {logs[stage]}", flush=True)
-    durations = {}
     for stage, p in procs.items():
         rc = p.wait()
-        durations[stage] = round(time.time() - t0 - gen_s, 1)
         if rc != 0:
             print(f"stage {stage} failed (exit {rc}); see {logs[stage]}", file=sys.stderr)
             return rc
+    durations = {stage: training_wall_s(logs[stage].read_text()) for stage in plans}
 
     models = Path(args.models)
     for stage in (1, 2):
         m = weights.stage_model(stage)
         weights.save_weights(weights.load(m.key, file=work / f"stage{stage}" / "best.pt"), m.path(models))
+    from imsct.phantoms import GENERATOR_VERSION
+
     record = {
         "command": "python scripts/train_shipped.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "training_data": {"generator": f"python -m imsct.phantoms --out {data} --cases {args.cases} --seed {args.seed}",
-                          "cases": args.cases, "seed": args.seed, "validation_fraction": args.val_fraction,
+                          "generator_version": GENERATOR_VERSION, "cases": args.cases, "seed": args.seed,
+                          "validation_fraction": args.val_fraction,
                           "generation_s": gen_s},
         "stages": {
             str(stage): {"bundle_command": " ".join(cmds[stage]), "threads": threads[stage], "wall_s": durations[stage],
                          "selected": "best.pt (highest validation mean Dice)", **parse_log(logs[stage].read_text())}
             for stage in plans
         },
+        "start": ("the weights that were in bundle/models before this run (fine-tuned)" if args.finetune
+                  else "random initialisation"),
         "weights": {weights.stage_model(s).filename: f"stage {s}, float16 state dict" for s in (1, 2)},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},

@@ -71,3 +71,27 @@ def test_box_coverage():
     m[2:6, 2:4, 2:4] = True
     assert box_coverage(m, np.array([0, 0, 0]), np.array([4, 10, 10])) == 0.5
     assert box_coverage(np.zeros_like(m), np.zeros(3, int), np.ones(3, int)) == 1.0
+
+
+def test_summary_reports_what_healthy_subjects_get():
+    """The no-invented-lesions targets: share of healthy subjects with no lesion at all and their
+    mean false-positive whole-tumour volume; lesion subjects are left out of both."""
+    from imsct.evaluation import summarise
+
+    shape, vox = (20, 20, 20), 2.0  # 2 mm3 voxels
+    empty = np.zeros(shape, np.uint8)
+    invented = empty.copy()
+    invented[2:7, 2:7, 2:6] = 1  # 100 voxels of "tumour" = 0.2 cm3
+    lesion = empty.copy()
+    lesion[10:15, 10:15, 10:15] = 1
+
+    def row(pred, truth):
+        r = case_metrics(pred, truth, vox)
+        r.update(stage1_dice=math.nan, box_lesion_voxels_in=0, box_lesion_voxels=0, box_lesion_coverage=1.0, seconds=1.0)
+        return r
+
+    s = summarise([row(invented, empty), row(empty, empty), row(invented, lesion)])
+    assert s["healthy_cases"] == 2
+    assert s["healthy_no_lesion_fraction"] == pytest.approx(0.5)
+    assert s["healthy_fp_whole_cm3_mean"] == pytest.approx(0.1)
+    assert summarise([row(empty, lesion)])["healthy_no_lesion_fraction"] is None
