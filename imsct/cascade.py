@@ -172,6 +172,7 @@ class Cascade:
         t2_only: bool = False,
         cord_constraint: bool = CORD_CONSTRAINT,
         cord_margin_mm: float = CORD_MARGIN_MM,
+        backend: str | None = None,
     ):
         self.device = torch.device(device)
         # localiser=None: no cascade, stage 2 runs over the whole field (the paper's baseline);
@@ -198,7 +199,8 @@ class Cascade:
         # t2_only: the segmenter was trained with the T1w channel zeroed; any T1w given is
         # ignored and the channel is fed as zeros
         self.t2_only = bool(t2_only)
-        self.backend = "eager" + (" bf16" if self.amp else "")  # what runs the networks (from_models sets it)
+        # what runs the networks, as reports and logs name it (from_models passes its backend)
+        self.backend = backend or "eager" + (" bf16" if self.amp else "")
         # cord_constraint: remove lesions that do not overlap the cord region (the stage-1 mask, or
         # the cord given to the call, dilated by cord_margin_mm) before the volume thresholds;
         # with no cord (stage 1 found none, or no localiser) everything is kept, with a warning
@@ -229,9 +231,8 @@ class Cascade:
             # and 0.5 GiB less memory (1.70 vs 2.22 GiB)
             kw["inferer"] = sliding_window_inferer(sw_batch_size=OPENVINO_SW_BATCH_SIZE)
         # an exported graph runs in its own precision (OpenVINO: bf16 as asked; the others float32)
-        cascade = cls(loc, seg, device=device, t2_only=t2_only, amp=amp if backend == "eager" else False, **kw)
-        cascade.backend = backend + (" bf16" if bf16 and backend in ("eager", "openvino") else "")
-        return cascade
+        label = backend + (" bf16" if bf16 and backend in ("eager", "openvino") else "")
+        return cls(loc, seg, device=device, t2_only=t2_only, amp=amp if backend == "eager" else False, backend=label, **kw)
 
     def _autocast(self):
         if self.amp:

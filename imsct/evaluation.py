@@ -29,16 +29,23 @@ CLASSES = tuple(SEG_SUFFIXES)  # tumor, edema, cavity, whole-tumor
 METRICS = ("dice", "precision", "recall", "rvd", "avd", "tpr_detection", "fpr_detection")
 
 
-def truth_labelmap(case: Case, shape) -> np.ndarray:
+def masks_labelmap(masks: dict, shape, where, stem: str = "") -> np.ndarray:
+    """One 0..3 label map from a case's per-class masks ``{suffix: path}`` (derivatives/labels),
+    checked to be complete and on a grid of ``shape``; ``where`` and ``stem`` (the file names' start)
+    name the case in errors."""
     lab = np.zeros(shape, np.uint8)
     for name, value in LABELS.items():
-        if SEG_SUFFIXES[name] not in case.labels:
-            raise InputError(f"{case.t2}: missing label file {case.name}{SEG_SUFFIXES[name]}.nii.gz")
-        m = load_volume(case.labels[SEG_SUFFIXES[name]], f"{name} label").data > 0.5
+        if SEG_SUFFIXES[name] not in masks:
+            raise InputError(f"{where}: missing label file {stem}{SEG_SUFFIXES[name]}.nii.gz")
+        m = load_volume(masks[SEG_SUFFIXES[name]], f"{name} label").data > 0.5
         if m.shape != tuple(shape):
-            raise InputError(f"{case.labels[SEG_SUFFIXES[name]]}: label shape {m.shape} differs from the T2w {tuple(shape)}")
+            raise InputError(f"{masks[SEG_SUFFIXES[name]]}: label shape {m.shape} differs from the T2w {tuple(shape)}")
         lab[m] = value
     return lab
+
+
+def truth_labelmap(case: Case, shape) -> np.ndarray:
+    return masks_labelmap(case.labels, shape, case.t2, case.name)
 
 
 def evaluate_case(cascade: Cascade, case: Case) -> tuple[dict, object]:

@@ -102,6 +102,7 @@ class PaddingSafeInferer:
         self.sw_batch_size, self.overlap, self.mode = int(sw_batch_size), overlap, mode
         self.progress = bool(progress)
         self.kw = kw
+        self._inferers: dict = {}  # one MONAI inferer per fitted window, built on first use
 
     def window_for(self, spatial) -> tuple[int, ...]:
         return fitted_window(spatial, self.roi_size)
@@ -114,14 +115,17 @@ class PaddingSafeInferer:
         x, valid = pad_replicate(inputs, window)
         if accepts_validity(network):
             x = torch.cat([x, valid.to(x.dtype)], dim=1)
-        sw = SlidingWindowInferer(roi_size=window, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode=self.mode,
-                                  padding_mode=PAD_MODE, progress=self.progress, **self.kw)
+        sw = self._inferers.get(window)
+        if sw is None:
+            sw = self._inferers[window] = SlidingWindowInferer(
+                roi_size=window, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode=self.mode,
+                padding_mode=PAD_MODE, progress=self.progress, **self.kw)
         out = sw(x, network, *args, **kwargs)
         return out[(..., *[slice(0, n) for n in spatial])]
 
     def with_progress(self) -> "PaddingSafeInferer":
         other = copy.copy(self)
-        other.progress = True
+        other.progress, other._inferers = True, {}
         return other
 
 

@@ -133,9 +133,7 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
     if kind in weights.EXPORT_SUFFIX and not all(weights.exported_path(k, models, kind).exists() for k in served):
         weights.export_models(models, formats=(kind,), keys=served)
     full = Cascade.from_models(models, backend=kind, **opts)
-    cascade = full if cascade_mode else Cascade(None, full.segmenter, amp=full.amp, fit_field=full.fit_field)
-    cascade.backend = full.backend
-    kind = full.backend.split()[0]
+    cascade = full if cascade_mode else Cascade(None, full.segmenter, amp=full.amp, fit_field=full.fit_field, backend=full.backend)
     load_models_s = time.perf_counter() - t0
     seen_windows = [0]  # stage-2 windows the sliding-window inferer really ran (all runs)
     if isinstance(cascade.segmenter, torch.nn.Module) and not isinstance(cascade.segmenter, torch.jit.ScriptModule):

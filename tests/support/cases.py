@@ -19,11 +19,10 @@ OUTPUT_SUFFIXES = [*SEG_SUFFIXES.values(), LABELMAP_SUFFIX]
 def truth_labelmap(masks: dict[str, str | Path]) -> Volume:
     """A phantom's truth as one 0..3 label map on the T2w grid (what an annotator saves), from its
     ``{"_seg-tumor": path, "_seg-edema": path, "_seg-cavity": path}`` masks."""
+    from imsct.evaluation import masks_labelmap
+
     ref = load_volume(masks[SEG_SUFFIXES["tumor"]])
-    lab = np.zeros(ref.shape, np.uint8)
-    for name, value in LABELS.items():
-        lab[load_volume(masks[SEG_SUFFIXES[name]]).data > 0.5] = value
-    return Volume(lab, ref.affine, "labels")
+    return Volume(masks_labelmap(masks, ref.shape, "phantom"), ref.affine, "labels")
 
 
 def phantom_masks(phantom_dir: Path, sub: str = "sub-001") -> dict[str, Path]:
