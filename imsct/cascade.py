@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .geometry import WORKING_SPACING, covering_box, crop_or_pad, field_overlap, fields_intersect, resample, shifted, to_working, working_grid
+from .geometry import WORKING_SPACING, covering_box, crop_or_pad, field_overlap, fields_intersect, resample, resample_image, shifted, to_working, working_grid
 from .io import InputError, Volume
 from .labels import LABELS, MIN_VOLUME_CM3
 from .postprocess import keep_touching, labelmap_from_probabilities, largest_component, postprocess_labelmap
@@ -244,14 +244,28 @@ class Cascade:
     def working(self, image: Volume) -> Working:
         """``image`` resampled onto its working grid (trilinear)."""
         w_shape, w_aff = working_grid(image.affine, image.shape, self.spacing)
-        return Working(resample(image.data, image.affine, w_shape, w_aff).numpy(), w_aff)
+        return Working(resample_image(image.data, image.affine, w_shape, w_aff).numpy(), w_aff)
 
     @torch.no_grad()
     def localise(self, t2w: np.ndarray) -> np.ndarray:
         """Stage 1 on the working T2w: binary cord-region mask (largest component) on the working grid."""
-        x, offset = stage1_input(t2w, fitted_field(t2w.shape, self.field_size) if self.fit_field else self.field_size)
+        field = fitted_field(t2w.shape, self.field_size) if self.fit_field else tuple(self.field_size)
+        long_field = t2w.shape[0] > self.field_size[0]
+        if long_field:
+            # a field longer than the localiser's (a whole spine): keep every SI voxel and slide the
+            # localiser along SI (Gaussian-blended, a quarter overlap), so that lesions near the
+            # ends get a cord region too; AP and RL keep the central crop (256 and 64 mm)
+            field = (t2w.shape[0], *field[1:])
+        x, offset = stage1_input(t2w, field)
         with self._autocast():
-            logits = self.localiser(torch.from_numpy(x)[None].to(self.device)).float()
+            xt = torch.from_numpy(x)[None].to(self.device)
+            if long_field:
+                from monai.inferers import sliding_window_inference
+
+                logits = sliding_window_inference(xt, (self.field_size[0], *field[1:]), 1, self.localiser,
+                                                  overlap=0.25, mode="gaussian").float()
+            else:
+                logits = self.localiser(xt).float()
         prob = torch.sigmoid(logits)[0, 0].cpu().numpy()
         mask = largest_component(prob > self.threshold)
         # back from the field to the working grid: the field's voxel f sits at working index f + offset
@@ -291,7 +305,7 @@ class Cascade:
         if self.t2_only:
             return np.stack([t2_crop, np.zeros_like(t2_crop)]), 1.0
         box_shape, box_aff = t2_crop.shape, shifted(w_aff, lo)
-        t1_crop = resample(t1.data, t1.affine, box_shape, box_aff).numpy()
+        t1_crop = resample_image(t1.data, t1.affine, box_shape, box_aff).numpy()
         coverage = float(field_overlap(t1.shape, t1.affine, box_shape, box_aff).numpy().mean())
         return np.stack([t2_crop, t1_crop]), coverage
 

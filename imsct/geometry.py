@@ -95,6 +95,17 @@ def resample(
     return out[0] if squeeze else out
 
 
+def resample_image(data: np.ndarray | torch.Tensor, src_affine: np.ndarray, dst_shape: tuple[int, ...],
+                   dst_affine: np.ndarray) -> torch.Tensor:
+    """An intensity image onto another grid (trilinear), with the image's own minimum, its
+    background, where the grid reaches outside the image's field (the half voxel beyond the outer
+    voxel centres, the corners of an oblique field). Zero there would make the result depend on an
+    intensity offset: an image stored 3000 lower would get a bright rim that the z-score keeps."""
+    n = data.numel() if isinstance(data, torch.Tensor) else np.size(data)
+    low = float(data.min()) if n else 0.0
+    return resample(data, src_affine, dst_shape, dst_affine, padding_value=low)
+
+
 def _corners_in(lo, hi, src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray:
     """The 8 corners of the index box ``[lo, hi]`` of one grid as ``(8, 3)`` indices of another."""
     lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
@@ -147,7 +158,7 @@ def to_working(
     kept, which follows the partial-volume boundary better than nearest-neighbour.
     """
     if not label:
-        return resample(data, affine, w_shape, w_affine).numpy()
+        return resample_image(data, affine, w_shape, w_affine).numpy()
     values = np.unique(data)
     values = values[values != 0]
     if values.size == 0:

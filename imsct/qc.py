@@ -238,7 +238,7 @@ def load_labelmap(seg, t2: Volume) -> np.ndarray:
 
 def render_subject(subject: Subject, img_dir: Path, key: str) -> dict:
     """Write the subject's PNG files; returns what the page needs (image names, morphometrics, sizes)."""
-    from .geometry import resample
+    from .geometry import resample_image
 
     t2 = load_volume(subject.t2, "T2w")
     lab = load_labelmap(subject.seg, t2)
@@ -248,7 +248,7 @@ def render_subject(subject: Subject, img_dir: Path, key: str) -> dict:
     contrasts = [("t2", "T2w", t2.data)]
     if subject.t1 is not None:
         t1 = load_volume(subject.t1, "T1w")
-        contrasts.append(("t1", "T1w", resample(t1.data, t1.affine, t2.shape, t2.affine).numpy()))
+        contrasts.append(("t1", "T1w", resample_image(t1.data, t1.affine, t2.shape, t2.affine).numpy()))
     for short, title, data in contrasts:
         mosaic = render_mosaic(data, lab, t2.affine, view)
         names = {"overlay": f"{key}_{short}.png", "plain": f"{key}_{short}_plain.png"}

@@ -17,7 +17,7 @@ import torch
 from .bids import Case, find_cases
 from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
 from .precision import use_bf16
-from .geometry import WORKING_SPACING, crop_or_pad, resample, to_working, working_grid
+from .geometry import WORKING_SPACING, crop_or_pad, resample_image, to_working, working_grid
 from .io import Volume, load_volume, replace_atomically
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 
@@ -46,13 +46,13 @@ def write_working_arrays(out: str | Path, t2: Volume, t1: Volume, label: np.ndar
     target on the T2w grid, or a function ``(t2_working, label_working) -> cord_working``."""
     out = Path(out)
     w_shape, w_aff = working_grid(t2.affine, t2.shape, WORKING_SPACING)
-    t2w = resample(t2.data, t2.affine, w_shape, w_aff).numpy().astype(np.float32)
+    t2w = resample_image(t2.data, t2.affine, w_shape, w_aff).numpy().astype(np.float32)
     label_w = to_working(np.asarray(label).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
     if callable(cord):
         cord_w = cord(t2w, label_w)
     else:
         cord_w = to_working(np.asarray(cord).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
-    arrays = {"t2": t2w, "t1": resample(t1.data, t1.affine, w_shape, w_aff).numpy().astype(np.float32),
+    arrays = {"t2": t2w, "t1": resample_image(t1.data, t1.affine, w_shape, w_aff).numpy().astype(np.float32),
               "label": label_w, "cord": cord_w, "affine": w_aff}
     replace_atomically(out, lambda fh: np.savez(fh, **arrays))  # uncompressed: read at every step; ranks may race
     return out
