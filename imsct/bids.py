@@ -23,10 +23,37 @@ class Case:
         return self.name.split("_")[0]
 
 
+def entities(name: str) -> dict[str, str]:
+    """BIDS key-value entities of a file name without extension: ``sub-01_ses-2_acq-sag_T2w`` gives
+    ``{"sub": "01", "ses": "2", "acq": "sag"}`` (the suffix, here T2w, is left out)."""
+    return dict(part.split("-", 1) for part in name.split("_")[:-1] if "-" in part)
+
+
 def _t1_for(t2: Path) -> Path:
+    """The T1w of a T2w: ``<prefix>_T1w`` beside it (``.nii.gz`` or ``.nii``, whichever exists);
+    else the one T1w of the folder with the same subject and session that BIDS entities single out:
+    a contrast-enhanced one (``ce-``, e.g. ``sub-01_ce-gadolinium_T1w``) before others, then the one
+    sharing most of the T2w's other entities (``acq-``, ``run-``, ...). With no T1w, or a tie, the
+    expected ``<prefix>_T1w.nii.gz`` is returned, and reading it reports it missing."""
     base = strip_nifti_ext(t2.name)
-    ext = t2.name[len(base):]
-    return t2.with_name(base[: -len("_T2w")] + "_T1w" + ext)
+    prefix = base[: -len("_T2w")]
+    expected = [t2.with_name(prefix + "_T1w" + ext) for ext in (t2.name[len(base):], ".nii.gz", ".nii")]
+    for p in expected:
+        if p.is_file():
+            return p
+    own = entities(base)
+    same_subject = [p for p in sorted(t2.parent.glob("*_T1w.nii*"))
+                    if p.name.endswith((".nii", ".nii.gz")) and
+                    all(entities(strip_nifti_ext(p.name)).get(k) == own.get(k) for k in ("sub", "ses"))]
+
+    def rank(p: Path) -> tuple[int, int]:
+        e = entities(strip_nifti_ext(p.name))
+        return ("ce" in e, sum(e.get(k) == v for k, v in own.items() if k not in ("sub", "ses")))
+
+    ranked = sorted(same_subject, key=rank, reverse=True)
+    if ranked and (len(ranked) == 1 or rank(ranked[0]) > rank(ranked[1])):
+        return ranked[0]
+    return expected[0]
 
 
 def find_cases(dataset_dir: str | Path, derivatives: str = "derivatives/labels") -> list[Case]:

@@ -4,8 +4,8 @@ Each sub-command lives in ``imsct/commands/<name>.py`` and provides ``HELP`` (on
 ``EXAMPLE`` (shown under ``--help``), ``add_arguments(parser)`` and ``run(args) -> int``. Heavy
 imports stay inside ``run`` so that ``imsct --help`` answers at once.
 
-Exit codes: 0 success, 1 the job failed on some input (each failure printed), 2 bad usage or bad
-input (one line naming the file and the problem).
+Exit codes: 0 success, 1 the job failed on some input or could not write its outputs (each failure
+printed), 2 bad usage or bad input (one line naming the file and the problem).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from .io import InputError
+from .io import InputError, WriteError
 
 COMMANDS = ("segment", "morphometrics", "compare", "qc", "phantoms", "dicom", "export")
 
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"imsct {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except WriteError as exc:  # full disk, read-only folder: the job failed, earlier outputs are intact
+        print(f"imsct {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"imsct {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -74,7 +74,7 @@ from scipy import ndimage
 
 from .cascade import Cascade, cord_box
 from .geometry import WORKING_SPACING
-from .io import InputError, copy_atomically, load_volume, replace_atomically
+from .io import InputError, copy_atomically, load_image, load_volume, replace_atomically
 from .labels import CLASSES, MIN_VOLUME_CM3, split_masks
 from .metrics import box_coverage, dice
 from .postprocess import labelmap_from_probabilities, postprocess_labelmap
@@ -214,8 +214,8 @@ def prepare_labelled(case: LabelledCase, cache_dir: str | Path, localiser_net: t
     out = Path(cache_dir) / f"{case.name}-{_case_key(case, '' if case.cord else localiser_id)}.npz"
     if out.exists():
         return out
-    t2 = load_volume(case.t2, "T2w")
-    t1 = load_volume(case.t1, "T1w")
+    t2 = load_image(case.t2, "T2w")
+    t1 = load_image(case.t1, "T1w")
     lab = load_volume(case.label, "label map")
     if lab.shape != t2.shape:
         raise InputError(f"label map {case.label}: shape {lab.shape} differs from the T2w {case.t2} {t2.shape}")

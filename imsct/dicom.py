@@ -31,7 +31,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .io import InputError, Volume, load_volume, replace_atomically, same_grid
+from .io import InputError, Volume, load_image, load_volume, replace_atomically, same_grid
 from .labels import COLOURS, LABELS
 
 T2W_DESCRIPTION = "T2w"
@@ -242,8 +242,8 @@ class StudyFiles:
 def write_study(t2: Volume | str | os.PathLike, t1: Volume | str | os.PathLike, out_dir: str | os.PathLike, patient_id: str,
                 session: str | None = None) -> StudyFiles:
     """One subject (one session) as a DICOM study: ``out_dir/T2w/*.dcm`` and ``out_dir/T1w_Gd/*.dcm``."""
-    t2v = t2 if isinstance(t2, Volume) else load_volume(t2, "T2w image")
-    t1v = t1 if isinstance(t1, Volume) else load_volume(t1, "T1w image")
+    t2v = t2 if isinstance(t2, Volume) else load_image(t2, "T2w image")
+    t1v = t1 if isinstance(t1, Volume) else load_image(t1, "T1w image")
     key = f"study-{session}" if session else "study"
     study_uid, for_uid = _uid(patient_id, key), _uid(patient_id, key, "frame")
     out = Path(out_dir)

@@ -19,7 +19,7 @@ import numpy as np
 from .bids import Case, find_cases
 from .cascade import Cascade
 from .geometry import to_working
-from .io import InputError, load_volume, write_text_atomically
+from .io import InputError, load_image, load_volume, write_text_atomically
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 from .metrics import box_counts, case_metrics, dice
 from .inference import write_outputs
@@ -50,7 +50,7 @@ def truth_labelmap(case: Case, shape) -> np.ndarray:
 
 def evaluate_case(cascade: Cascade, case: Case) -> tuple[dict, object]:
     """Run the cascade on one labelled case; returns the metric row and the cascade result."""
-    t2, t1 = load_volume(case.t2, "T2w"), load_volume(case.t1, "T1w")
+    t2, t1 = load_image(case.t2, "T2w"), load_image(case.t1, "T1w")
     truth = truth_labelmap(case, t2.shape)
     t0 = time.perf_counter()
     res = cascade(t2, t1)

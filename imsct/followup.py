@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, Volume, load_volume, same_grid
+from .io import InputError, Volume, load_image, same_grid
 from .labels import CLASSES, split_masks
 
 DAYS_PER_YEAR = 365.25
@@ -94,7 +94,7 @@ def load_visit(t2_path: str | os.PathLike, seg_paths: list[str], date: str | _dt
     its date (given, or read with :func:`visit_date`)."""
     from .morphometrics import read_labelmap
 
-    t2 = load_volume(t2_path, "T2w")
+    t2 = load_image(t2_path, "T2w")
     labelmap, affine, _ = read_labelmap(list(seg_paths))
     if not same_grid((labelmap.shape, affine), t2):
         raise InputError(f"label map {seg_paths[0]}: not on its T2w's grid ({t2_path}): shape {labelmap.shape} vs "

@@ -19,7 +19,7 @@ import numpy as np
 
 from .bids import find_cases
 from .cascade import Cascade
-from .io import InputError, Volume, load_volume, save_volumes, strip_nifti_ext, voxel_volume_mm3
+from .io import InputError, Volume, WriteError, check_writable_folder, load_image, save_volumes, strip_nifti_ext, voxel_volume_mm3
 from .labels import LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, output_paths, split_masks
 
 log = logging.getLogger("imsct")
@@ -58,9 +58,9 @@ def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path | No
         t1_path = Path(t1_path)
         if not t1_path.exists():
             raise InputError(f"T1w {t1_path}: file not found (expected beside T2w {t2_path})")
-    t2 = load_volume(t2_path, "T2w")
+    t2 = load_image(t2_path, "T2w")
     if not cascade.t2_only:
-        t1 = load_volume(t1_path, "T1w")
+        t1 = load_image(t1_path, "T1w")
     return segment_volumes(cascade, t2, t1, output_dir, name or strip_nifti_ext(t2_path.name), probabilities, register_t1)
 
 
@@ -101,15 +101,20 @@ class BatchRunner:
     errors: dict = field(default_factory=dict)
 
     def run(self) -> dict:
-        cases = find_cases(self.dataset_dir)
-        if not cases:
-            raise InputError(f"dataset folder {self.dataset_dir}: no sub-*/anat/*_T2w.nii.gz found")
+        try:  # the batch as a whole: dataset folder, output folder (before any case is computed)
+            cases = find_cases(self.dataset_dir)
+            if not cases:
+                raise InputError(f"dataset folder {self.dataset_dir}: no sub-*/anat/*_T2w.nii.gz found")
+            check_writable_folder(self.output_dir)
+        except (InputError, WriteError) as exc:
+            print(f"imsct: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2 if isinstance(exc, InputError) else 1) from None
         cases = cases[self.rank :: self.world_size]  # torchrun: each rank its own share
         for i, case in enumerate(cases, 1):
             try:
                 info = segment_case(self.cascade, case.t2, case.t1, self.output_dir, case.name,
                                     probabilities=self.probabilities, register_t1=self.register_t1)
-            except InputError as exc:
+            except (InputError, WriteError) as exc:  # this case fails; the others go on
                 self.errors[case.name] = str(exc)
                 log.error("[%d/%d] %s: FAILED: %s", i, len(cases), case.name, exc)
                 continue

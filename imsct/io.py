@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import secrets
 import shutil
@@ -15,8 +16,33 @@ import nibabel as nib
 import numpy as np
 
 
+log = logging.getLogger("imsct")
+
+
 class InputError(ValueError):
     """Bad input: the message names the file and what is wrong with it."""
+
+
+class WriteError(OSError):
+    """An output could not be written (full disk, read-only folder, a folder where a file should
+    go): the message names the path and the reason. Nothing earlier there was replaced."""
+
+
+def check_writable_folder(folder: str | os.PathLike) -> Path:
+    """Refuse, before any computation, an output folder that cannot be written: a file in its place
+    or above it, a read-only or full file system. A missing folder is not created here: its nearest
+    existing parent is tried instead (the writers create the rest)."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"output {folder}: " + ("exists and is not a folder" if probe == folder else f"{probe} is a file, not a folder"))
+    try:
+        _new_temp_file(probe, ".imsct-write-test-", ".tmp").unlink()
+    except OSError as exc:
+        raise WriteError(f"output {folder}: cannot write there ({exc.strerror or exc})") from None
+    return folder
 
 
 @dataclass
@@ -65,6 +91,8 @@ def same_grid(a, b, atol: float = GRID_ATOL_MM) -> bool:
 
 
 MAX_VOXEL_MM = 20.0
+MIN_SLICES = 4  # an image thinner than this along any axis is a localiser or a slab, not a volume
+QFORM_SFORM_TOL_MM = 1.0  # headers whose qform and sform place a voxel further apart than this are ambiguous
 
 
 def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
@@ -88,12 +116,14 @@ def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
         raise InputError(f"{where}: file is truncated or corrupt ({exc})") from None
     except Exception as exc:  # nibabel raises many types for non-NIfTI content
         raise InputError(f"{where}: cannot be read as NIfTI ({exc})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
+    while data.ndim > 3 and data.shape[-1] == 1:  # (x, y, z, 1) and converters' (x, y, z, 1, 1)
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(f"{where}: expected a 3D image, got {data.ndim}D with shape {data.shape}")
     if min(data.shape) < 1:
         raise InputError(f"{where}: image has a zero-size axis {data.shape}")
+    if np.iscomplexobj(data):
+        raise InputError(f"{where}: complex-valued voxels ({data.dtype}); save the magnitude image")
     if not np.issubdtype(data.dtype, np.number):
         raise InputError(f"{where}: unsupported voxel type {data.dtype}")
     data = np.asarray(data, dtype=np.float32)
@@ -106,7 +136,45 @@ def load_volume(path: str | os.PathLike, role: str = "image") -> Volume:
     sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if (sizes > MAX_VOXEL_MM).any() or (sizes < 0.01).any():
         raise InputError(f"{where}: absurd voxel size {np.round(sizes, 4).tolist()} mm")
+    _warn_about_orientation(img, data.shape, where)
     return Volume(data=data, affine=affine, path=str(p))
+
+
+def _warn_about_orientation(img, shape, where: str) -> None:
+    """Accept, with a warning, headers whose orientation is missing or ambiguous: the masks are then
+    written in the same header, so they overlay the image in any viewer, but left-right and position
+    in the scanner may be wrong."""
+    hdr = img.header
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if qcode == 0 and scode == 0:
+        log.warning("%s: warning: the header has no orientation (qform and sform codes 0); the voxel axes are taken "
+                    "as RAS with the pixdim sizes, so left-right and levels may be wrong", where)
+        return
+    if qcode > 0 and scode > 0:
+        q, s_ = hdr.get_qform(), hdr.get_sform()
+        n = np.asarray(shape[:3], float) - 1
+        corners = np.array([[i, j, k, 1.0] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])]).T
+        gap = float(np.abs((q @ corners)[:3] - (s_ @ corners)[:3]).max())
+        if gap > QFORM_SFORM_TOL_MM:
+            log.warning("%s: warning: qform and sform disagree by up to %.1f mm; using the sform (as nibabel does; "
+                        "ITK-based tools may use the qform)", where, gap)
+
+
+def load_image(path: str | os.PathLike, role: str) -> Volume:
+    """Load an MR image (T2w, T1w) to segment: :func:`load_volume`'s checks, and refuse images with
+    nothing to segment: a constant image (blank, or a failed export) and a slab under
+    :data:`MIN_SLICES` voxels thick along any axis."""
+    vol = load_volume(path, role)
+    where = f"{role} {Path(path)}"
+    thin = [n for n in vol.shape if n < MIN_SLICES]
+    if thin:
+        raise InputError(f"{where}: only {min(thin)} slice(s) along one axis {vol.shape}; a volume of at least "
+                         f"{MIN_SLICES} slices is needed")
+    lo, hi = float(vol.data.min()), float(vol.data.max())
+    if lo == hi:
+        hint = "; without a Gd-T1w, run the T2w-only model (--t2-only)" if "T1w" in role else ""
+        raise InputError(f"{where}: every voxel is {lo:g} (a blank image): nothing to segment{hint}")
+    return vol
 
 
 def _new_temp_file(folder: Path, prefix: str, suffix: str) -> Path:
@@ -164,29 +232,34 @@ def write_all_or_nothing(items: list[tuple[str | os.PathLike, Callable[[str], No
     destination's folder (mode as ``open`` gives, flushed to disk); only when every one was
     written are they renamed into place. A
     destination that is a folder fails before anything is renamed; should a rename still fail, the
-    files this call created are removed again."""
+    files this call created are removed again. Any failure is raised as :class:`WriteError` naming
+    the destination."""
     staged: list[tuple[str, Path]] = []
     created: list[Path] = []
+    current = None  # the destination being written, named by a write failure
     try:
         for path, write in items:
-            p = Path(path)
+            p = current = Path(path)
             if p.is_dir():
-                raise IsADirectoryError(f"{p}: is a folder; cannot write a file there")
+                raise WriteError(f"output {p}: is a folder; cannot write a file there")
             suffix = ".nii.gz" if p.name.endswith(".nii.gz") else p.suffix  # writers pick the format from it
             tmp = str(_new_temp_file(p.parent, ".tmp-", suffix))
             staged.append((tmp, p))
             write(tmp)
             _fsync(tmp)
         for tmp, p in staged:
+            current = p
             new = not p.exists()
             os.replace(tmp, p)
             if new:
                 created.append(p)
-    except BaseException:
+    except BaseException as exc:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
         for p in created:
             p.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(f"output {current}: cannot write ({exc.strerror or exc})") from None
         raise
     return [p for _, p in staged]
 

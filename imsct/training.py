@@ -18,7 +18,7 @@ from .bids import Case, find_cases
 from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
 from .precision import use_bf16
 from .geometry import WORKING_SPACING, crop_or_pad, resample_image, to_working, working_grid
-from .io import Volume, load_volume, replace_atomically
+from .io import Volume, load_image, load_volume, replace_atomically
 from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ def prepare_case(case: Case, cache_dir: str | Path) -> Path:
     out = Path(cache_dir) / f"{case.name}.npz"
     if out.exists():
         return out
-    t2 = load_volume(case.t2, "T2w")
-    t1 = load_volume(case.t1, "T1w")
+    t2 = load_image(case.t2, "T2w")
+    t1 = load_image(case.t1, "T1w")
     lab = np.zeros(t2.shape, np.uint8)
     for name, value in LABELS.items():
         lab[load_volume(case.labels[SEG_SUFFIXES[name]], name).data > 0.5] = value

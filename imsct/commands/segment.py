@@ -107,7 +107,7 @@ def stage_progress(enabled: bool):
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..io import InputError, load_volume, strip_nifti_ext
+    from ..io import InputError, check_writable_folder, load_image, strip_nifti_ext
 
     t_start = time.perf_counter()
 
@@ -134,18 +134,18 @@ def run(args: argparse.Namespace) -> int:
         from ..morphometrics import load_levels
 
         levels = load_levels(args.levels)
+    # the output folder before anything is read or computed: a file there, a read-only or full disk
+    # is reported at once, not after the segmentation
+    out_dir = check_writable_folder(Path(args.output) if args.output else t2.parent)
     from ..weights import CASCADE_MODELS, check_present
 
     models = check_present(CASCADE_MODELS[args.t2_only], args.models)
     # read (and check) the images once, before loading the models: bad input fails in about a second
-    t2_vol = load_volume(t2, "T2w")
-    t1_vol = load_volume(t1, "T1w") if t1 is not None else None
+    t2_vol = load_image(t2, "T2w")
+    t1_vol = load_image(t1, "T1w") if t1 is not None else None
 
     from ..labels import output_paths
 
-    out_dir = Path(args.output) if args.output else t2.parent
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output {out_dir}: exists and is not a folder")
     name = strip_nifti_ext(t2.name)
     inputs = {p.resolve() for p in (t2, t1) if p is not None}
     planned = list(output_paths(name, out_dir, args.probabilities).values())

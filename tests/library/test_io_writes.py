@@ -6,7 +6,7 @@ import stat
 import numpy as np
 import pytest
 
-from imsct.io import replace_atomically, save_volumes, write_text_atomically
+from imsct.io import WriteError, replace_atomically, save_volumes, write_text_atomically
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
 
 def test_all_or_nothing_removes_what_it_staged_when_one_file_fails(tmp_path):
     (tmp_path / "b_seg.nii.gz").mkdir()  # a folder where a file should go: the second item fails
-    with pytest.raises(IsADirectoryError, match="b_seg.nii.gz"):
+    with pytest.raises(WriteError, match="b_seg.nii.gz"):
         save_volumes([(np.ones((4, 4, 4)), np.eye(4), tmp_path / "a_seg.nii.gz", np.uint8),
                       (np.ones((4, 4, 4)), np.eye(4), tmp_path / "b_seg.nii.gz", np.uint8)])
     assert [p.name for p in tmp_path.iterdir()] == ["b_seg.nii.gz"]
