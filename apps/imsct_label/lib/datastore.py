@@ -59,6 +59,7 @@ import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.exception import LabelNotFoundException
 
 from imsct.io import GRID_ATOL_MM, InputError, copy_atomically, load_volume, replace_atomically, same_grid
 from imsct.labels import LABELS
@@ -377,6 +378,18 @@ class TwoContrastDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         log.info("label %s of %s stored (%s)", label_tag, image_id, name)
         return image_id
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        """The label file and its listing entry at once (LocalDatastore leaves the listing to the
+        file watcher, so an upload right after still saw the removed label)."""
+        with self._write_lock:
+            obj = self._datastore.objects.get(label_id)
+            if obj is None or label_tag not in obj.labels:
+                raise LabelNotFoundException(f"image '{label_id}' has no label '{label_tag}'")
+            Path(self.get_label_uri(label_id, label_tag)).unlink(missing_ok=True)
+            del obj.labels[label_tag]
+            self._update_datastore_file(lock=False)
+        log.info("label %s of %s removed", label_tag, label_id)
 
     def remove_image(self, image_id: str) -> None:
         super().remove_image(image_id)

@@ -19,7 +19,9 @@ origins only.
   (``/infer/<model>``, ``/batch/infer/<model>``, ``/train/<trainer>``, ``/activelearning/<strategy>``,
   ``/scoring/<method>``): 404 with the names there are (checked before the route runs, so an
   unknown trainer does not start a background task that can only fail);
-* a form field that is not JSON (``params``, ``info``): 400;
+* a JSON form field (``params`` of uploads, label saves and inferences, ``info`` of the info
+  routes) that is not a JSON object: 400 naming the field, checked before MONAI Label copies the
+  request's files to the temp folder (its route functions are wrapped, :data:`JSON_FORM_FIELDS`);
 * MONAI Label's own "image / label not found": 404; its "invalid input": 400.
 
 :func:`install` is called by the app when it is created, i.e. while the server starts (MONAI
@@ -45,6 +47,56 @@ TASK_ROUTES = {
     "/activelearning/": ("strategy", "_strategies"),
     "/scoring/": ("scoring method", "_scoring_methods"),
 }
+
+
+# MONAI Label route functions that json.loads a form field (after copying the request's files to
+# the temp folder, which a failure then leaves behind): module, function, field
+JSON_FORM_FIELDS = (
+    ("monailabel.endpoints.datastore", "add_image", "params"),
+    ("monailabel.endpoints.datastore", "save_label", "params"),
+    ("monailabel.endpoints.datastore", "update_image_info", "info"),
+    ("monailabel.endpoints.datastore", "update_label_info", "info"),
+    ("monailabel.endpoints.infer", "run_inference", "params"),
+)
+
+
+def json_object_field(value, field: str) -> None:
+    """HTTP 400 unless ``value`` (a form field's text) is empty or a JSON object."""
+    from fastapi import HTTPException
+
+    if not value:
+        return
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError) as exc:
+        raise HTTPException(400, f"form field '{field}' is not valid JSON ({exc}); send a JSON object, e.g. {{}}") from None
+    if not isinstance(parsed, dict):
+        raise HTTPException(400, f"form field '{field}' must be a JSON object, e.g. {{}}, not {type(parsed).__name__}")
+
+
+def _checking_json(function, field: str):
+    import functools
+    import inspect
+
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        json_object_field(signature.bind(*args, **kwargs).arguments.get(field), field)
+        return function(*args, **kwargs)
+
+    checked.imsct_checked = True
+    return checked
+
+
+def _wrap_json_fields() -> None:
+    import importlib
+
+    for module, name, field in JSON_FORM_FIELDS:
+        mod = importlib.import_module(module)
+        function = getattr(mod, name)
+        if not getattr(function, "imsct_checked", False):
+            setattr(mod, name, _checking_json(function, field))  # the route looks the function up at each call
 
 
 def _headers(scope) -> list[tuple[str, str]]:
@@ -129,14 +181,6 @@ def _instance():
     return app_instance()
 
 
-async def _malformed_json(request, exc: json.JSONDecodeError):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(status_code=400, content={"detail": (
-        f"{request.method} {request.url.path}: a form field (params / info) is not valid JSON ({exc.msg} at line "
-        f"{exc.lineno} column {exc.colno}); send a JSON object, e.g. {{}}")})
-
-
 async def _monailabel_error(request, exc):
     from fastapi.responses import JSONResponse
     from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelError
@@ -176,8 +220,8 @@ def install(allow_origins: tuple[str, ...]) -> tuple[str, ...] | None:
         *kept,  # the access token (lib/auth.py) when serve.py was given one
         Middleware(KnownTaskNames),
     ]
-    app.exception_handlers[json.JSONDecodeError] = _malformed_json
     app.exception_handlers[MONAILabelException] = _monailabel_error
+    _wrap_json_fields()
     app.middleware_stack = None  # rebuilt with the list above for the next request
     log.info("web origins allowed besides the server's own: %s", list(allowed) or "none")
     return allowed
