@@ -27,11 +27,12 @@ from imsct.labels import COLOURS, LABELS
 from lib.activelearning import MCDropoutUncertainty, RandomStrategy
 from lib.config import AppConfig
 from lib.contrasts import T1_DIR
-from lib.datastore import TwoContrastDatastore
+from lib.datastore import TwoContrastDatastore, discard_upload
 from lib.infer import CascadeInfer, LocaliserInfer, TumourInfer
 from lib.models import ModelStore, seed_models
 from lib.scoring import MulticlassDice, score_image
 from lib.train import StageTrainer
+from lib.web import install as install_web_rules
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ TUMOUR_MODELS = ("cascade", "tumour")  # models whose output is a tumour label m
 class IMSCTApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.cfg = AppConfig.from_conf(conf, app_dir, studies)
+        install_web_rules(self.cfg.allow_origins)  # web origins, 4xx for malformed requests (lib/web.py)
         if "start_server" in sys.argv and not any(a in ("--host", "-i") or a.startswith("--host=") for a in sys.argv):
             log.warning("monailabel start_server without --host listens on 0.0.0.0 (every interface); "
                         "use --host 127.0.0.1 or apps/imsct_label/serve.py unless the server must be reachable from the network")
@@ -109,7 +111,12 @@ class IMSCTApp(MONAILabelApp):
             request["image_id"] = image  # the T1w is looked up by the datastore id
             if request.get("model") in TUMOUR_MODELS:
                 request.setdefault("save_label", True)  # the model's label is what the final label is scored against
-        return super().infer(request, datastore)
+        try:
+            return super().infer(request, datastore)
+        except BaseException:
+            for key in ("image", "label"):  # files sent with a refused request: MONAI Label removes them on success only
+                discard_upload(request.get(key))
+            raise
 
     # ---- scoring and automatic retraining ----------------------------------------------------------
 

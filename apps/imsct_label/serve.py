@@ -1,6 +1,7 @@
 """Start the IMSCT MONAI Label server, listening on the loopback interface unless told otherwise.
 
-    python apps/imsct_label/serve.py --studies DIR [--demo-cases N] [--token-file PATH] [monailabel start_server options]
+    python apps/imsct_label/serve.py --studies DIR [--demo-cases N] [--token-file PATH] [--allow-origin URL]
+                                     [monailabel start_server options]
 
 It runs ``monailabel start_server --app apps/imsct_label --studies DIR`` with ``--host 127.0.0.1``
 added when no ``--host``/``-i`` is given (``monailabel`` itself defaults to ``0.0.0.0``, every
@@ -12,6 +13,10 @@ environment variable ``IMSCT_LABEL_TOKEN``) every route requires it (``lib/auth.
 address. A ``--host`` other than loopback without a token is refused unless ``--insecure-no-token``
 is given (or MONAI Label's own Keycloak authentication is enabled, MONAI_LABEL_AUTH_ENABLE=true).
 A token is never taken from the command line, where ``ps`` shows it to every user.
+
+Web pages: requests from another web origin than the server's own are refused (HTTP 403,
+``lib/web.py``), with or without a token, unless the origin is given with ``--allow-origin URL``
+(repeatable; the same as ``--conf allow_origin URL[,URL]``), e.g. a viewer served elsewhere.
 """
 
 from __future__ import annotations
@@ -38,10 +43,17 @@ def server_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                          f"created with a random token, mode 0600); or set {_auth().TOKEN_ENV}")
     ap.add_argument("--insecure-no-token", action="store_true",
                     help="allow a network --host without a token (a trusted, isolated network only)")
+    ap.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                    help="a web origin (scheme://host[:port]) besides the server's own whose pages may use the server "
+                         "(repeatable; --conf allow_origin URL[,URL] is the same)")
     own, rest = ap.parse_known_args(argv)
     if any(a == "--token" or a.startswith("--token=") for a in rest):
         ap.error(f"a token on the command line is visible to every user (ps); put it in a file (--token-file PATH) "
                  f"or the environment variable {_auth().TOKEN_ENV}")
+    if own.allow_origin:
+        if any(a == "allow_origin" and rest[i - 1] == "--conf" for i, a in enumerate(rest) if i):
+            ap.error("give the allowed web origins once: --allow-origin or --conf allow_origin")
+        rest = [*rest, "--conf", "allow_origin", ",".join(own.allow_origin)]
     if given_host(rest) is None:
         rest = [*rest, "--host", LOOPBACK]
     return own, ["monailabel", "start_server", "--app", str(APP_DIR), "--studies", own.studies, *rest]

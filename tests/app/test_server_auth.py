@@ -3,6 +3,9 @@ server started with a token (here on loopback: a token is enforced on any addres
 request without it, changes nothing on disk for a refused write, and works as before with it
 (MONAILabelClient's bearer header, the 3D Slicer plugin's password login, the browser login form).
 
+A web page of another origin gets nothing even with the token (HTTP 403 before the token is
+looked at); the origin configured with ``--conf allow_origin`` gets CORS answers, refusals included.
+
 One real server for the module (``apps/imsct_label/serve.py --token-file``), one small phantom case.
 """
 
@@ -123,7 +126,7 @@ def secured(tmp_path_factory):
     token_file = root / "label.token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
-    srv = MonaiLabelServer(studies, root / "server", {"retrain_after": 0}, args=["--token-file", str(token_file)],
+    srv = MonaiLabelServer(studies, root / "server", {"retrain_after": 0, "allow_origin": VIEWER}, args=["--token-file", str(token_file)],
                            env={"IMSCT_LABEL_TOKEN": ""}, headers={"Authorization": f"Bearer {token}"})
     try:
         srv.start()
@@ -133,6 +136,9 @@ def secured(tmp_path_factory):
         yield {"url": srv.url, "token": token, "studies": studies, "case": case, "server": srv}
     finally:
         srv.stop()
+
+
+VIEWER = "https://viewer.example"  # allowed with --conf allow_origin (the MONAI Label spelling of serve.py --allow-origin)
 
 
 def _refused(r: requests.Response) -> None:
@@ -246,3 +252,37 @@ def test_chromium_logs_in_and_reads_the_api(secured, tmp_path):
         assert driver.execute_script("return document.cookie") == ""
     finally:
         driver.quit()
+
+
+def test_foreign_origin_is_refused_even_with_the_token(secured):
+    url, token, studies, case = secured["url"], secured["token"], secured["studies"], secured["case"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    before = tree_digest(studies)
+    for origin in ("http://evil.example", "null"):
+        headers = {**bearer, "Origin": origin}
+        with open(case["truth"], "rb") as f:
+            answers = [
+                requests.get(f"{url}/info/", headers=headers, timeout=30),
+                requests.put(f"{url}/datastore/label?image=sub-001&tag=final", files={"label": ("l.nii.gz", f)},
+                             data={"params": "{}"}, headers=headers, timeout=60),
+                requests.delete(f"{url}/datastore/image?id=sub-001", headers=headers, timeout=30),
+                requests.post(f"{url}/train/tumour", json={}, headers=headers, timeout=30),
+                requests.post(f"{url}/auth/token", data={"username": "a", "password": token}, headers={"Origin": origin}, timeout=30),
+            ]
+        for r in answers:
+            assert r.status_code == 403, (r.request.method, r.url, r.status_code, r.text[:200])
+            assert "access-control-allow-origin" not in r.headers and "access-control-allow-credentials" not in r.headers
+            assert token not in r.text
+    assert tree_digest(studies) == before
+    # the configured origin: answered with CORS headers, with the token and (the refusal) without it
+    ok = requests.get(f"{url}/info/", headers={**bearer, "Origin": VIEWER}, timeout=30)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == VIEWER
+    assert ok.headers["access-control-allow-credentials"] == "true"
+    no_token = requests.get(f"{url}/info/", headers={"Origin": VIEWER}, timeout=30)
+    assert no_token.status_code == 401 and no_token.headers["access-control-allow-origin"] == VIEWER
+    pre = requests.options(f"{url}/datastore/label", headers={"Origin": VIEWER, "Access-Control-Request-Method": "PUT",
+                                                             "Access-Control-Request-Headers": "authorization"}, timeout=30)
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == VIEWER
+    # the server's own origin (OHIF's pages come from it)
+    own = requests.get(f"{url}/info/", headers={**bearer, "Origin": url}, timeout=30)
+    assert own.status_code == 200 and "access-control-allow-origin" not in own.headers

@@ -18,11 +18,18 @@ and retraining can run on them). The tests run in file order and build on each o
    on the same folder lists every final label, each byte-identical to the last version sent (an
    acknowledged save is never lost; an unacknowledged one is either the old or the new file);
 5. a datastore JSON cut short (by an older version's in-place writer) is set aside and the listing
-   rebuilt from the files (MONAI Label's own datastore refuses to start on it).
+   rebuilt from the files (MONAI Label's own datastore refuses to start on it);
+6. bad requests (one table: labels off the label table or the image's grid, gzip bombs, ids
+   breaking the id rule, malformed JSON, unknown model / strategy / trainer / scoring method, a T2w
+   overwrite on another grid than its labels'): each gets its 4xx and a message, and leaves the
+   studies folder byte-identical and nothing in the server's temp folder (``TMPDIR``);
+7. requests from a foreign web origin, on every route of the web app: 403, no CORS headers,
+   nothing executed; the server's own origin and the configured one (``--allow-origin``) work.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -32,6 +39,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -59,6 +67,9 @@ CASE_IDS = [f"case-{i:02d}" for i in range(N_CASES)]
 DATASTORE_JSON = "datastore_v2.json"  # monailabel 0.8.5 LocalDatastore's file in the studies folder
 KILLED_ROUND_ITERATIONS = 100
 HTTP_TIMEOUT = 600  # the server answers one request at a time: the last inference waits for all
+MAX_UPLOAD_MB = 8  # the server's --conf max_upload_mb (decompressed MiB); the phantoms are ~0.1 MiB
+VIEWER = "http://viewer.example:3000"  # a web origin the server is started to allow (--allow-origin)
+EVIL = "http://evil.example"
 
 
 def _sha(path) -> str:
@@ -112,10 +123,14 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(data, tmp_path_factory):
     """One server for the module (test 4 restarts it on the same folder). No automatic retraining;
-    rounds started by the test are tiny (32x32x16 patches, batch 1) and always publish."""
+    rounds started by the test are tiny (32x32x16 patches, batch 1) and always publish. Uploads
+    above 8 MiB decompressed are refused; pages of VIEWER may use it; its TMPDIR is a test folder."""
     conf = {"retrain_after": 0, "retrain_models": "tumour", "train_iterations": 2, "train_batch_size": 1,
-            "tumour_patch": "32,32,16", "localiser_patch": "32,32,16", "gate_tolerance": 1}
-    srv = MonaiLabelServer(data["studies"], tmp_path_factory.mktemp("faults_server"), conf)
+            "tumour_patch": "32,32,16", "localiser_patch": "32,32,16", "gate_tolerance": 1, "max_upload_mb": MAX_UPLOAD_MB}
+    tmpdir = tmp_path_factory.mktemp("faults_server_tmp")  # the server's temp folder: what refused uploads leave
+    srv = MonaiLabelServer(data["studies"], tmp_path_factory.mktemp("faults_server"), conf,
+                           args=["--allow-origin", VIEWER], env={"TMPDIR": str(tmpdir)})
+    srv.tmpdir = tmpdir
     try:
         srv.start()
     except RuntimeError as exc:
@@ -432,3 +447,281 @@ def test_unreadable_listing_is_set_aside_and_rebuilt_from_the_files(data, tmp_pa
     assert _final_labels_listed(_datastore_file(folder)) == set(CASE_IDS)
     kept = list(folder.glob(f"{DATASTORE_JSON}.unreadable-*"))
     assert len(kept) == 1 and kept[0].read_bytes() == whole[: len(whole) // 2]
+
+
+# ---- 6. bad requests: a 4xx with a message, nothing stored, nothing left in the temp folder -----------
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones included: served weights, state) with its SHA-256."""
+    return {str(p.relative_to(root)): _sha(p) for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def _nifti_bytes(data_array, affine, tmp: Path, name: str, dtype=np.uint8) -> bytes:
+    path = tmp / f"{name}.nii.gz"
+    img = nib.Nifti1Image(np.asarray(data_array).astype(dtype), affine)
+    nib.save(img, str(path))
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def bad_files(data, tmp_path_factory) -> dict[str, bytes]:
+    """Files built from case-00 (its T2w, its final label 0..3) that the server must refuse."""
+    tmp = tmp_path_factory.mktemp("bad_requests")
+    t2 = nib.load(data["studies"] / "case-00.nii.gz")
+    affine = t2.affine
+    truth = np.asanyarray(nib.Nifti1Image.from_bytes(_gunzip(data["labels"]["case-00"][0])).dataobj)
+    shifted = affine.copy()
+    shifted[0, 3] += 2.0  # the same shape, 2 mm away
+    t2_data = np.asanyarray(t2.dataobj)
+    liar = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), affine).to_bytes()
+    return {
+        "t2": (data["studies"] / "case-00.nii.gz").read_bytes(),
+        "t2_brighter": _nifti_bytes(t2_data + 1, affine, tmp, "t2_brighter", np.int16),  # another T2w, same grid
+        "t2_shifted": _nifti_bytes(t2_data, shifted, tmp, "t2_shifted", np.int16),
+        "label": data["labels"]["case-00"][0],
+        "probabilities": _nifti_bytes((truth > 0) * 0.9 + 0.05, affine, tmp, "prob", np.float32),  # rounds to 0/1
+        "value7": _nifti_bytes(np.where(truth > 0, 7, 0), affine, tmp, "value7"),
+        "twos": _nifti_bytes(np.where(truth > 0, 2, 0), affine, tmp, "twos"),  # edema: a tumour label, not a cord one
+        "shape": _nifti_bytes(truth[:-2], affine, tmp, "shape"),
+        "shifted": _nifti_bytes(truth, shifted, tmp, "shifted"),
+        # 32 MiB of zeros in a ~150 kB file (the header says so), and a header for 4x4x4 voxels
+        # followed by 16 MiB more than it declares
+        "bomb": _nifti_bytes(np.zeros((512, 512, 64)), affine, tmp, "bomb", np.int16),
+        "liar": gzip.compress(liar + bytes(16 * 1024 * 1024)),
+    }
+
+
+LONG_ID = "x" * 240
+
+
+@dataclass(frozen=True)
+class Bad:
+    name: str
+    method: str
+    path: str
+    query: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # form field -> key of bad_files
+    form: dict | None = None
+    status: int = 422
+    words: tuple = ()
+    json_body: dict | None = None
+
+
+def _label(name, key, status, *words, tag="final", image="case-00", params="{}"):
+    return Bad(name, "PUT", "/datastore/label", {"image": image, "tag": tag}, {"label": key}, {"params": params}, status, words)
+
+
+def _image(name, key, status, *words, image="new-case", params="{}"):
+    return Bad(name, "PUT", "/datastore/image", {"image": image}, {"file": key}, {"params": params}, status, words)
+
+
+BAD_REQUESTS = [
+    # labels: whole numbers of the label table, on the image's grid (shape and affine)
+    _label("label-probability-map", "probabilities", 422, "final label of 'case-00'", "not whole numbers", "probabilities"),
+    _label("label-value-7", "value7", 422, "final label of 'case-00'", "values [7] are not allowed"),
+    _label("label-other-shape", "shape", 422, "label grid differs from the image", "shape ("),
+    _label("label-other-affine", "shifted", 422, "label grid differs from the image", "affine differs by 2.0 mm in translation"),
+    _label("cord-label-with-tumour-values", "twos", 422, "cord label of 'case-00'", "values [2] are not allowed (expected [0, 1]",
+           tag="cord"),
+    # size, decompressed
+    _image("image-gzip-bomb", "bomb", 413, "upload of 'bomb'", "header declares (512, 512, 64) voxels", "max_upload_mb",
+           image="bomb"),
+    _image("t1-gzip-bomb-lying-header", "liar", 413, "upload of 'case-00'", "decompresses to more than the limit of 8 MiB",
+           image="case-00", params='{"contrast": "T1w", "overwrite": true}'),
+    _label("label-gzip-bomb", "bomb", 413, "label of 'case-00'", "max_upload_mb"),
+    # the id rule
+    _image("id-240-characters", "t2", 400, "240 characters", "plain name", image=LONG_ID),
+    _image("t1-id-240-characters", "t2", 400, "240 characters", image=LONG_ID, params='{"contrast": "T1w"}'),
+    _label("label-id-240-characters", "label", 400, "240 characters", image=LONG_ID),
+    _image("id-with-space", "t2", 400, "characters not allowed: ' '", image="case 00"),
+    _image("id-with-nii", "t2", 400, "'.nii'", image="case.nii"),
+    _image("id-with-path", "t2", 400, "plain name", image="../case-00"),
+    _label("tag-with-path", "label", 400, "label tag", "plain name", tag="../final"),
+    # malformed JSON / parameters
+    _image("image-params-not-json", "t2", 400, "form field 'params' is not valid JSON", params="{contrast: T1w"),
+    _image("image-params-not-an-object", "t2", 400, "form field 'params' must be a JSON object", params="[1, 2]"),
+    _label("label-params-not-json", "label", 400, "form field 'params' is not valid JSON", params="{"),
+    Bad("infer-params-not-json", "POST", "/infer/tumour", {"image": "case-00"}, {}, {"params": "{"}, 400,
+        ("form field 'params' is not valid JSON",)),
+    Bad("image-info-not-an-object", "PUT", "/datastore/image/info", {"image": "case-00"}, {}, {"info": '"x"'}, 400,
+        ("form field 'info' must be a JSON object",)),
+    Bad("delete-unknown-label", "DELETE", "/datastore/label", {"id": "case-00", "tag": "nosuch"}, status=404,
+        words=("image 'case-00' has no label 'nosuch'",)),
+    # names the server does not have
+    Bad("unknown-model", "POST", "/infer/nosuch", {"image": "case-00"}, {}, {"params": "{}"}, 404,
+        ("unknown model 'nosuch'", "cascade, localiser, tumour")),
+    Bad("unknown-strategy", "POST", "/activelearning/nosuch", status=404, words=("unknown strategy 'nosuch'", "uncertainty"),
+        json_body={}),
+    Bad("unknown-trainer", "POST", "/train/nosuch", status=404, words=("unknown trainer 'nosuch'", "localiser, tumour"), json_body={}),
+    Bad("unknown-scoring-method", "POST", "/scoring/nosuch", status=404, words=("unknown scoring method 'nosuch'", "dice")),
+    Bad("unknown-image-info", "PUT", "/datastore/image/info", {"image": "nosuch"}, {}, {"info": "{}"}, 404, ("nosuch",)),
+    Bad("delete-unknown-image", "DELETE", "/datastore/image", {"id": "nosuch"}, status=404, words=("nosuch",)),
+    # a T2w replaced by one on another grid than its labels'
+    _image("t2-overwrite-off-its-labels-grid", "t2_shifted", 409, "image 'case-00'", "not on the grid of its label(s)",
+           "'cord' (affine differs by 2.0 mm in translation)", image="case-00", params='{"overwrite": true}'),
+    # an uploaded file to infer on (no T1w can come with it)
+    Bad("infer-on-an-uploaded-file", "POST", "/infer/cascade", {}, {"file": "t2"}, {"params": "{}"}, 422, ("uploaded file has no Gd-T1w",)),
+]
+
+
+def _request(url: str, bad: Bad, files: dict[str, bytes], headers: dict | None = None):
+    return requests.request(bad.method, url + bad.path, params=bad.query, headers=headers, timeout=HTTP_TIMEOUT,
+                            files={k: (f"{v}.nii.gz", files[v]) for k, v in bad.files.items()} or None,
+                            data=bad.form, json=bad.json_body)
+
+
+def _upload_copies(tmpdir: Path) -> list[str]:
+    """MONAI Label's temporary copies of uploaded files in the server's temp folder (``tmp<random>.nii.gz``;
+    the folder also holds the logging configuration MONAI Label writes at start)."""
+    return sorted(p.name for p in Path(tmpdir).rglob("tmp*") if ".nii" in p.name)
+
+
+@pytest.mark.parametrize("bad", BAD_REQUESTS, ids=lambda b: b.name)
+def test_bad_request_gets_a_4xx_with_its_reason_and_changes_nothing(bad, server, data, bad_files):
+    studies = data["studies"]
+    before, temp_before = _tree(studies), _tree(server.tmpdir)
+    r = _request(server.url, bad, bad_files)
+    assert r.status_code == bad.status, (r.status_code, r.text[:500])
+    detail = r.json()["detail"]
+    for words in bad.words:
+        assert words in detail, detail
+    assert _tree(studies) == before  # images, T1w, labels, listing, served weights: byte for byte
+    assert _tree(server.tmpdir) == temp_before and not _upload_copies(server.tmpdir)  # no copy of the upload left
+    assert server.proc.poll() is None
+
+
+def test_t2w_overwrite_keeps_labels_on_the_same_grid_and_never_attaches_them_to_another(server, data, bad_files):
+    url, studies = server.url, data["studies"]
+
+    def put_image(key, overwrite):
+        return _request(url, _image("", key, 0, image="regrid", params=json.dumps({"overwrite": overwrite})), bad_files)
+
+    def listed_labels():
+        return sorted(requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]["regrid"]["labels"])
+
+    assert put_image("t2", False).status_code == 200
+    assert _put_label(url, "regrid", bad_files["label"]).status_code == 200
+    label_file = studies / "labels" / "final" / "regrid.nii.gz"
+    # the same grid: replaced, its label kept (listed now and after a restart alike)
+    r = put_image("t2_brighter", True)
+    assert r.status_code == 200, r.text
+    assert (studies / "regrid.nii.gz").read_bytes() == bad_files["t2_brighter"]
+    assert listed_labels() == ["final"] and label_file.read_bytes() == bad_files["label"]
+    # another grid while it has a label: refused, nothing changed
+    before = _tree(studies)
+    r = put_image("t2_shifted", True)
+    assert r.status_code == 409 and "'final' (affine differs by 2.0 mm in translation)" in r.json()["detail"], r.text
+    assert _tree(studies) == before
+    # without labels, the image may move to another grid
+    assert requests.delete(f"{url}/datastore/label", params={"id": "regrid", "tag": "final"}, timeout=60).status_code == 200
+    r = put_image("t2_shifted", True)
+    assert r.status_code == 200, r.text
+    assert (studies / "regrid.nii.gz").read_bytes() == bad_files["t2_shifted"] and listed_labels() == []
+    assert requests.delete(f"{url}/datastore/image", params={"id": "regrid"}, timeout=60).status_code == 200
+    deadline = time.monotonic() + 30  # MONAI Label removes the copies of accepted uploads after the answer
+    while _upload_copies(server.tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _upload_copies(server.tmpdir)
+
+
+def test_training_sets_aside_labels_not_on_the_grid_of_their_t2w(data, tmp_path, monkeypatch):
+    """A T2w replaced on disk (not through the server) by one on another grid: its labels are not
+    trained on, and the reason names the difference."""
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    from lib.datastore import TwoContrastDatastore
+    from lib.train import labelled_cases
+
+    folder = tmp_path / "studies"
+    (folder / "T1w").mkdir(parents=True)
+    (folder / "labels" / "final").mkdir(parents=True)
+    for cid in ("case-00", "case-01"):
+        shutil.copy(data["studies"] / "T1w" / f"{cid}.nii.gz", folder / "T1w" / f"{cid}.nii.gz")
+        shutil.copy(data["studies"] / f"{cid}.nii.gz", folder / f"{cid}.nii.gz")
+        (folder / "labels" / "final" / f"{cid}.nii.gz").write_bytes(data["labels"][cid][0])
+    t2 = nib.load(folder / "case-01.nii.gz")
+    moved = t2.affine.copy()
+    moved[0, 3] += 2.0
+    nib.save(nib.Nifti1Image(np.asanyarray(t2.dataobj), moved), str(folder / "case-01.nii.gz"))
+    ds = TwoContrastDatastore(str(folder), extensions=("*.nii.gz", "*.nii"), auto_reload=False)
+    cases, skipped = labelled_cases(ds)
+    assert [c.name for c in cases] == ["case-00"]
+    assert "final (affine differs by 2.0 mm in translation)" in skipped["case-01"] and "not trained on" in skipped["case-01"]
+
+
+# ---- 7. web origins ----------------------------------------------------------------------------------
+
+def _web_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route of MONAI Label's web app (monailabel.app:app, the one served)."""
+    import monailabel.app
+    from starlette.routing import Mount
+
+    def walk(routes, prefix=""):
+        for r in routes:
+            if hasattr(r, "original_router"):  # an included router (FastAPI >= 0.16x)
+                yield from walk(r.original_router.routes, prefix + r.include_context.prefix)
+            elif isinstance(r, Mount):
+                yield "GET", prefix + r.path + "/favicon.ico"
+            else:
+                for method in getattr(r, "methods", None) or ():
+                    yield method, prefix + r.path
+
+    fill = {"model": "tumour", "strategy": "random", "method": "dice", "session_id": "s-1", "path": "studies"}
+    return sorted({(m, re.sub(r"\{(\w+)(?::\w+)?\}", lambda g: fill.get(g.group(1), "x"), p))
+                   for m, p in walk(monailabel.app.app.routes)})
+
+
+def _no_cors_for(r, origin: str) -> None:
+    assert r.headers.get("access-control-allow-origin") not in (origin, "*"), (r.request.method, r.url, dict(r.headers))
+    assert "access-control-allow-credentials" not in r.headers, (r.request.method, r.url, dict(r.headers))
+
+
+def test_foreign_origin_is_refused_on_every_route_and_nothing_runs(server, data):
+    url, studies = server.url, data["studies"]
+    routes = _web_routes()
+    assert len(routes) > 40 and ("DELETE", "/datastore/image") in routes and ("PUT", "/model/tumour") in routes
+    # requests that would change the datastore or the served weights if they ran
+    query = {"image": "case-00", "id": "case-00", "label": "case-00", "tag": "cord", "run_sync": "true"}
+    upload = {"file": ("case-01.nii.gz", (studies / "case-01.nii.gz").read_bytes()),
+              "label": ("cord.nii.gz", data["cords"]["case-00"])}
+    form = {"params": json.dumps({"overwrite": True}), "info": json.dumps({"by": "a web page"})}
+    before, temp_before = _tree(studies), _tree(server.tmpdir)
+    for method, path in routes:
+        for headers in ({"Origin": EVIL}, {"Origin": "null"}):
+            kw = {"json": {}} if path.startswith(("/train", "/scoring", "/activelearning", "/batch")) else \
+                {"files": upload, "data": form} if method in ("PUT", "POST") else {}
+            r = requests.request(method, url + path, params=query, headers=headers, timeout=60, **kw)
+            assert r.status_code == 403, (method, path, headers, r.status_code, r.text[:300])
+            _no_cors_for(r, headers["Origin"])
+            if method != "HEAD":
+                assert headers["Origin"] in r.json()["detail"]
+        pre = requests.options(url + path, headers={"Origin": EVIL, "Access-Control-Request-Method": method,
+                                                    "Access-Control-Request-Headers": "authorization"}, timeout=60)
+        assert pre.status_code == 403, (method, path, pre.status_code)
+        _no_cors_for(pre, EVIL)
+    # look-alikes of the server's own origin
+    port = url.rsplit(":", 1)[1]
+    for origin in (f"http://127.0.0.1:{int(port) + 1}", f"{url}.evil.example", f"http://localhost.evil.example:{port}", f"{url}/x"):
+        r = requests.get(url + "/info/", headers={"Origin": origin}, timeout=60)
+        assert r.status_code == 403, (origin, r.status_code)
+        _no_cors_for(r, origin)
+    assert _tree(studies) == before and _tree(server.tmpdir) == temp_before  # nothing ran
+    assert server.proc.poll() is None
+
+
+def test_own_and_configured_origins_are_served(server, data):
+    url, studies = server.url, data["studies"]
+    own = requests.get(url + "/info/", headers={"Origin": url}, timeout=60)
+    assert own.status_code == 200 and "cascade" in own.json()["models"]
+    viewer = requests.get(url + "/info/", headers={"Origin": VIEWER}, timeout=60)
+    assert viewer.status_code == 200
+    assert viewer.headers["access-control-allow-origin"] == VIEWER and viewer.headers["access-control-allow-credentials"] == "true"
+    pre = requests.options(url + "/datastore/label", headers={"Origin": VIEWER, "Access-Control-Request-Method": "PUT"}, timeout=60)
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == VIEWER
+    assert "PUT" in pre.headers["access-control-allow-methods"]
+    # what a foreign origin was refused runs from these: an upload from the own origin, its removal from the viewer
+    r = requests.put(url + "/datastore/image", params={"image": "origin-check"}, headers={"Origin": url}, timeout=60,
+                     files={"file": ("t2.nii.gz", (studies / "case-00.nii.gz").read_bytes())}, data={"params": "{}"})
+    assert r.status_code == 200 and (studies / "origin-check.nii.gz").exists(), r.text
+    r = requests.delete(url + "/datastore/image", params={"id": "origin-check"}, headers={"Origin": VIEWER}, timeout=60)
+    assert r.status_code == 200 and not (studies / "origin-check.nii.gz").exists(), r.text
+    assert r.headers["access-control-allow-origin"] == VIEWER

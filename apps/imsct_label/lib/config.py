@@ -26,7 +26,8 @@ DEFAULTS = {
     "replay": "0.5",
     "ewc_lambda": "10000",
     "mc_samples": "4",  # Monte-Carlo dropout passes of the uncertainty strategy
-    "max_upload_mb": "1024",  # larger uploaded images / labels are refused (HTTP 413)
+    "max_upload_mb": "512",  # uploads (images, labels) larger than this once decompressed are refused (HTTP 413)
+    "allow_origin": "",  # web origins besides the server's own allowed to send requests, comma-separated
 }
 TRAINERS = ("tumour", "localiser")
 
@@ -71,7 +72,8 @@ class AppConfig:
     replay: float
     ewc_lambda: float
     mc_samples: int
-    max_upload_mb: float = 1024.0
+    max_upload_mb: float = 512.0
+    allow_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_conf(cls, conf: dict | None, app_dir: str, studies: str) -> "AppConfig":
@@ -114,4 +116,41 @@ class AppConfig:
             ewc_lambda=_number(c, "ewc_lambda", float),
             mc_samples=_number(c, "mc_samples", int, 2),
             max_upload_mb=_number(c, "max_upload_mb", float),
+            allow_origins=parse_origins(c["allow_origin"], "--conf allow_origin"),
         )
+
+
+def normalise_origin(origin: str) -> str | None:
+    """``scheme://host[:port]`` in lower case without a default port (80 for http, 443 for https),
+    the form browsers send in the ``Origin`` header; None for anything else (a path, a query,
+    credentials, another scheme, ``null``)."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(origin.strip())
+        port = u.port
+    except ValueError:
+        return None
+    if u.scheme not in ("http", "https") or not u.hostname or u.username or u.password or u.path not in ("", "/") \
+            or u.query or u.fragment:
+        return None
+    host = u.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    default = 80 if u.scheme == "http" else 443
+    return f"{u.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+def parse_origins(value: str, source: str) -> tuple[str, ...]:
+    """Comma-separated web origins (``http://viewer.example:3000``) as :func:`normalise_origin`
+    writes them; :class:`ConfError` naming ``source`` and the entry otherwise (``*`` included:
+    any web page could then act with the annotators' cookies)."""
+    out = []
+    for item in (v.strip() for v in str(value).split(",")):
+        if not item:
+            continue
+        norm = normalise_origin(item)
+        if norm is None:
+            raise ConfError(f"{source} {item!r}: expected a web origin, scheme://host[:port] (e.g. http://viewer.example:3000), "
+                            "without a path; '*' (every web page) is not accepted")
+        out.append(norm)
+    return tuple(dict.fromkeys(out))

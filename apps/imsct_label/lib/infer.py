@@ -19,10 +19,11 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from imsct.io import InputError, Volume, load_volume, same_grid, save_volume, voxel_volume_mm3
+from imsct.io import InputError, Volume, load_volume, save_volume, voxel_volume_mm3
 from imsct.labels import COLOURS, LABELS
 
 from .contrasts import MissingContrast, t1_path
+from .datastore import grid_difference
 from .models import ModelStore
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,10 @@ def load_case(datastore, request: dict) -> tuple[str | None, Volume, Volume]:
     image_id = request.get("image_id")
     t2_file = request.get("image")
     if not isinstance(t2_file, str) or not t2_file:
-        raise bad_input("no image given: infer on a datastore image id")
+        named = f": {image_id!r} is not an image of the datastore" if image_id else ""
+        raise bad_input(f"no image given{named}; infer on a datastore image id")
     if not image_id:
-        raise bad_input(f"{t2_file}: an uploaded file has no Gd-T1w; upload the case (T2w and T1w) to the datastore and infer by its image id")
+        raise bad_input("an uploaded file has no Gd-T1w; upload the case (T2w and T1w) to the datastore and infer by its image id")
     try:
         t1_file = t1_path(datastore, image_id)
         return image_id, load_volume(t2_file, "T2w"), load_volume(t1_file, "T1w")
@@ -182,8 +184,9 @@ class TumourInfer(_IMSCTInfer):
         if not uri:
             raise InputError(f"image '{image_id}': no cord label (tag '{CORD_TAG}'); save one with that tag, or use the cascade model")
         cord = load_volume(uri, "cord label")
-        if not same_grid(cord, t2):
-            raise InputError(f"cord label {uri}: grid {cord.shape} differs from the T2w's {t2.shape} ({t2.path}); a label must be on its image's grid")
+        diff = grid_difference(cord, t2)
+        if diff:
+            raise InputError(f"cord label {uri}: label grid differs from the T2w ({t2.path}): {diff}; a label must be on its image's grid")
         if not (cord.data > 0.5).any():
             raise InputError(f"cord label {uri}: empty")
         res = cascade(t2, t1, cord=cord)  # same networks; stage 1 replaced by the annotator's cord

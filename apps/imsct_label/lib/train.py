@@ -22,6 +22,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from .config import AppConfig
 from .contrasts import MissingContrast, t1_path
+from .datastore import grid_difference
 from .infer import CORD_TAG
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ STAGES = {"localiser": 1, "tumour": 2}
 
 def labelled_cases(datastore) -> tuple[list, dict[str, str]]:
     """Every datastore image with a final label, as :class:`imsct.continual.LabelledCase`, and the
-    images left out with the reason (e.g. no T1w)."""
+    images left out with the reason (no T1w; a final or cord label not on the T2w's grid, e.g. a
+    T2w replaced on disk by one on another grid: such labels are never trained on)."""
+    import nibabel as nib
+
     from imsct.continual import LabelledCase
 
     cases, skipped = [], {}
@@ -42,12 +46,21 @@ def labelled_cases(datastore) -> tuple[list, dict[str, str]]:
             skipped[image_id] = str(exc)
             continue
         info = datastore.get_image_info(image_id)
+        t2 = datastore.get_image_uri(image_id)
+        final = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value)
         cord = datastore.get_label_uri(image_id, CORD_TAG) or None
-        cases.append(LabelledCase(
-            name=image_id, t2=datastore.get_image_uri(image_id), t1=t1,
-            label=datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value),
-            centre=str(info.get("centre") or "default"), cord=cord,
-        ))
+        try:
+            grid = nib.load(t2)
+            off = {tag: grid_difference(nib.load(uri), grid) for tag, uri in (("final", final), (CORD_TAG, cord)) if uri}
+        except Exception as exc:  # noqa: BLE001 - an unreadable file: the round would fail on it
+            skipped[image_id] = f"image '{image_id}': cannot read its T2w or labels ({exc})"
+            continue
+        off = {tag: diff for tag, diff in off.items() if diff}
+        if off:
+            skipped[image_id] = (f"image '{image_id}': label(s) not on the grid of its T2w {t2}: "
+                                 + "; ".join(f"{tag} ({diff})" for tag, diff in off.items()) + "; set aside, not trained on")
+            continue
+        cases.append(LabelledCase(name=image_id, t2=t2, t1=t1, label=final, centre=str(info.get("centre") or "default"), cord=cord))
     return cases, skipped
 
 
