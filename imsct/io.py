@@ -90,6 +90,41 @@ def same_grid(a, b, atol: float = GRID_ATOL_MM) -> bool:
     return sa == sb and np.allclose(aa, ab, atol=atol)
 
 
+def grid_difference(a, b) -> str:
+    """How the voxel grids of ``a`` and ``b`` (objects with ``.shape`` and ``.affine``) differ, ''
+    when :func:`same_grid` holds: ``shape (..) vs (..)`` and/or ``affine differs by 2.0 mm
+    in translation`` (voxel size, axes and origin named)."""
+    if same_grid(a, b):
+        return ""
+    sa, sb = tuple(int(v) for v in a.shape[:3]), tuple(int(v) for v in b.shape[:3])
+    parts = [f"shape {sa} vs {sb}"] if sa != sb else []
+    A, B = np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64)
+    if not np.allclose(A, B, atol=GRID_ATOL_MM):
+        what = []
+        za, zb = _voxel_sizes(A), _voxel_sizes(B)
+        if not np.allclose(za, zb, atol=GRID_ATOL_MM):
+            what.append(f"voxel size {tuple(round(float(v), 4) for v in za)} vs {tuple(round(float(v), 4) for v in zb)} mm")
+        turn = (A[:3, :3] / za).T @ (B[:3, :3] / zb)  # from one grid's axes to the other's
+        if not np.allclose(turn, np.eye(3), atol=1e-4):
+            if np.linalg.det(turn) < 0:
+                what.append("axes flipped")
+            else:
+                angle = np.degrees(np.arccos(np.clip((np.trace(turn) - 1) / 2, -1, 1)))
+                what.append(f"axes rotated by {angle:.1f} degrees")
+        shift = float(np.linalg.norm(A[:3, 3] - B[:3, 3]))
+        if shift > GRID_ATOL_MM:
+            what.append(f"{shift:.1f} mm in translation" if shift >= 0.1 else f"{shift:.4f} mm in translation")
+        if len(what) == 1 and what[0].endswith("translation"):
+            parts.append(f"affine differs by {what[0]}")
+        else:
+            parts.append("affine differs: " + (", ".join(what) or "by less than the tolerance per element, in sum more"))
+    return "; ".join(parts)
+
+
+def _voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
 MAX_VOXEL_MM = 20.0
 MIN_SLICES = 4  # an image thinner than this along any axis is a localiser or a slab, not a volume
 QFORM_SFORM_TOL_MM = 1.0  # headers whose qform and sform place a voxel further apart than this are ambiguous

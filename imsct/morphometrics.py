@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .io import InputError, load_volume, same_grid, strip_nifti_ext, voxel_volume_mm3, write_texts
+from .io import InputError, Volume, grid_difference, load_volume, strip_nifti_ext, voxel_volume_mm3, write_texts
 from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, split_masks
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
@@ -215,8 +215,8 @@ def read_labelmap(paths: list[str]):
                              f"(found {float(data.min()):g} to {float(data.max()):g})")
         if labelmap is None:
             labelmap, affine, first = np.zeros(vol.shape, np.uint8), vol.affine, p
-        elif not same_grid(vol, (labelmap.shape, affine)):
-            raise InputError(f"{p}: grid {vol.shape} differs from {first}'s {labelmap.shape} (shape or affine); "
+        elif grid_difference(vol, Volume(labelmap, affine)):
+            raise InputError(f"{p}: grid differs from {first}'s ({grid_difference(vol, Volume(labelmap, affine))}); "
                              "all inputs must be on one grid")
         values = data.astype(np.uint8) if cls is None else (data > 0).astype(np.uint8) * LABELS[cls]
         overlap = (labelmap > 0) & (values > 0)

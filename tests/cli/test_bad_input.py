@@ -28,7 +28,7 @@ import pytest
 from imsct.cli import main as imsct_main
 from support.cases import LIKE_SHIPPED_TRAINING
 
-BIG_LIMIT_MB = 1  # the server's --conf max_upload_mb in this file
+BIG_LIMIT_MB = 4  # the server's --conf max_upload_mb in this file (MiB once decompressed)
 
 
 # ---- the table ------------------------------------------------------------------------------------
@@ -71,6 +71,22 @@ def _with(value):
     return build
 
 
+def _complex(good: Path, out: Path, affine) -> Path:
+    data = np.asanyarray(nib.load(str(good)).dataobj).astype(np.float32)
+    return _save((data + 1j * data).astype(np.complex64), affine, out)
+
+
+def _constant(value):
+    def build(good: Path, out: Path, affine) -> Path:
+        return _save(np.full(nib.load(str(good)).shape, value, np.float32), affine, out)
+    return build
+
+
+def _slab(good: Path, out: Path, affine) -> Path:
+    data = np.asanyarray(nib.load(str(good)).dataobj).astype(np.float32)
+    return _save(data[..., data.shape[2] // 2 - 1 : data.shape[2] // 2 + 2], affine, out)  # 3 slices
+
+
 def _zero_axis(good: Path, out: Path, affine) -> Path:
     return _save(np.zeros((0, 10, 10), np.float32), affine, out)
 
@@ -99,6 +115,13 @@ IMAGE_KINDS = [
     Kind("zeroaxis", _zero_axis, "zero-size axis"),
     Kind("hugevoxel", _voxel(1e4), "absurd voxel size"),
     Kind("tinyvoxel", _voxel(0.005), "absurd voxel size"),
+    Kind("complex", _complex, "complex-valued voxels"),
+]
+# images with nothing to segment; as label maps they are valid (an empty label map is an answer)
+IMAGE_ONLY_KINDS = [
+    Kind("blank", _constant(0.0), "every voxel is 0"),
+    Kind("constant", _constant(500.0), "every voxel is 500"),
+    Kind("slab", _slab, "only 3 slice(s) along one axis"),
 ]
 ROLES = ("T2w", "T1w")
 # kinds that need a second file or a server; which front doors check them is in each test below
@@ -172,7 +195,7 @@ def cli_out(tmp_path):
 
 
 @pytest.mark.parametrize("role", ROLES)
-@pytest.mark.parametrize("kind", IMAGE_KINDS, ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", IMAGE_KINDS + IMAGE_ONLY_KINDS, ids=lambda k: k.name)
 def test_cli_segment_refuses_bad_image(kind, role, case, tmp_path, capsys, cli_out):
     bad = kind.build(case[role[:2].lower()], tmp_path / f"bad_{role}.nii.gz", case["affine"])
     t2, t1 = (bad, case["t1"]) if role == "T2w" else (case["t2"], bad)
@@ -189,6 +212,63 @@ def test_cli_segment_refuses_missing_and_far_t1w(case, tmp_path, capsys, cli_out
     far = _far_t1(case, tmp_path / "far_T1w.nii.gz")  # refused by the cascade before stage 1
     line = _cli(capsys, ["segment", "--t2", str(case["t2"]), "--t1", str(far), "-o", str(cli_out)])
     assert str(far) in line and OTHER_KINDS["t1far"] in line, line
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Mount a real tmpfs (64 KiB) for write-failure cases; ``small_disk(read_only)`` gives its path.
+    Needs the right to mount (root in CI); elsewhere these cases skip, saying so."""
+    import subprocess
+
+    mounted = []
+
+    def mount(read_only: bool = False) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        opts = "size=64k" + (",ro" if read_only else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs for the write-failure case ({r.stderr.strip() or r.returncode}); run as root")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def test_cli_segment_checks_the_output_before_computing(case, tmp_path, capsys, small_disk):
+    args = ["segment", "--t2", str(case["t2"]), "--t1", str(case["t1"]), "-o"]
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    line = _cli(capsys, args + [str(a_file)])
+    assert str(a_file) in line and "exists and is not a folder" in line, line
+    line = _cli(capsys, args + [str(a_file / "sub")])
+    assert str(a_file) in line and "is a file, not a folder" in line, line
+    assert a_file.read_text() == "not a folder"
+    read_only = small_disk(read_only=True)
+    assert imsct_main(args + [str(read_only / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(read_only / "out") in err[0] and "cannot write there" in err[0] and "Read-only" in err[0], err
+
+
+def test_cli_segment_on_a_full_disk_fails_in_one_line_and_keeps_earlier_outputs(case, capsys, small_disk):
+    disk = small_disk()
+    earlier = disk / "earlier_seg-imsct.nii.gz"
+    earlier.write_bytes(b"an earlier result")
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:  # fill the disk: the folder can be created in, not written to
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    code = imsct_main(["segment", "--t2", str(case["t2"]), "--t1", str(case["t1"]), "-o", str(disk)])
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if "warning" not in l]
+    assert code == 1, err
+    assert len(err) == 1 and str(disk) in err[0] and "No space left on device" in err[0], err
+    assert earlier.read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in disk.iterdir()) == ["earlier_seg-imsct.nii.gz", "filler"]  # no partial or temporary file
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS, ids=lambda k: k.name)
@@ -226,7 +306,7 @@ def test_bundle_reports_each_bad_case_and_keeps_earlier_outputs(case, tmp_path):
         return t2, t1
 
     subject("sub-good")
-    for kind in IMAGE_KINDS:
+    for kind in IMAGE_KINDS + IMAGE_ONLY_KINDS:
         for role in ROLES:
             name = f"sub-{kind.name}{role}"
             files = dict(zip(ROLES, subject(name)))
@@ -238,11 +318,17 @@ def test_bundle_reports_each_bad_case_and_keeps_earlier_outputs(case, tmp_path):
     _, t1 = subject("sub-t1far")
     _far_t1(case, t1)
     problems["sub-t1far"] = (t1, OTHER_KINDS["t1far"])
+    # a write failure (here a folder where one output file goes): that case fails, the others go on
+    subject("sub-writefail")
+    blocked = out / "sub-writefail_T2w_seg-tumor.nii.gz"
+    blocked.mkdir(parents=True)
+    problems["sub-writefail"] = (blocked, "is a folder")
 
     # outputs of an earlier run, for every case that now fails, must survive untouched
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     for name in problems:
-        (out / f"{name}_T2w_seg-tumor.nii.gz").write_bytes(f"earlier result of {name}".encode())
+        if name != "sub-writefail":
+            (out / f"{name}_T2w_seg-tumor.nii.gz").write_bytes(f"earlier result of {name}".encode())
     out_before, ds_before = _sha_tree(out), _sha_tree(ds)
 
     proc = run_bundle(ds, out)
@@ -332,15 +418,24 @@ def test_server_refuses_bad_labels(server, case, tmp_path):
     assert "sub-not-there" in msg and "not in the datastore" in msg, msg
 
 
+@pytest.mark.parametrize("kind", IMAGE_ONLY_KINDS, ids=lambda k: k.name)
+def test_server_refuses_images_with_nothing_to_segment(kind, server, case, tmp_path):
+    client = server["client"]
+    for role in ROLES:
+        bad = kind.build(case[role[:2].lower()], tmp_path / f"bad_{role}.nii.gz", case["affine"])
+        msg = _refused(lambda: client.upload_image(str(bad), f"bad-{kind.name}", {"contrast": role}))
+        assert f"uploaded {role} of 'bad-{kind.name}'" in msg and kind.expect in msg, msg
+
+
 @pytest.mark.parametrize("image_id", ["../evil", "a/b", "/tmp/evil", ".hidden", "..\\evil"])
 def test_server_refuses_image_ids_with_path_components(image_id, server, case):
     client = server["client"]
     for contrast, src in (("T2w", case["t2"]), ("T1w", case["t1"])):
-        msg = _refused(lambda: client.upload_image(str(src), image_id, {"contrast": contrast}))
+        msg = _refused(lambda: client.upload_image(str(src), image_id, {"contrast": contrast}), (400,))
         assert OTHER_KINDS["pathid"] in msg, msg
-    msg = _refused(lambda: client.save_label(image_id, str(case["truth"]), tag="final"))
+    msg = _refused(lambda: client.save_label(image_id, str(case["truth"]), tag="final"), (400,))
     assert OTHER_KINDS["pathid"] in msg, msg
-    msg = _refused(lambda: client.save_label("sub-001", str(case["truth"]), tag=image_id))
+    msg = _refused(lambda: client.save_label("sub-001", str(case["truth"]), tag=image_id), (400,))
     assert "label tag" in msg and OTHER_KINDS["pathid"] in msg, msg
     msg = _refused(lambda: client.infer("cascade", image_id, {}))  # not a datastore id: nothing is read
     assert "no image given" in msg, msg
@@ -349,7 +444,8 @@ def test_server_refuses_image_ids_with_path_components(image_id, server, case):
 def test_server_refuses_oversized_upload(server, case, tmp_path):
     client = server["client"]
     rng = np.random.default_rng(0)
-    big = _save(rng.random((64, 64, 80), dtype=np.float32), case["affine"], tmp_path / "big.nii.gz")
+    slices = int(1.5 * BIG_LIMIT_MB * 1024 * 1024 / (64 * 64 * 4))  # 1.5 x the limit in float32, barely compressible
+    big = _save(rng.random((64, 64, slices), dtype=np.float32), case["affine"], tmp_path / "big.nii.gz")
     assert big.stat().st_size > BIG_LIMIT_MB * 1024 * 1024
     for contrast in ROLES:
         msg = _refused(lambda: client.upload_image(str(big), "sub-big", {"contrast": contrast}), (413,))

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from imsct.io import InputError, load_volume
+from imsct.io import InputError, load_image
 
 from .contrasts import MissingContrast, t1_path
 from .infer import remember_box
@@ -63,8 +63,8 @@ class MCDropoutUncertainty(Strategy):
         cached = info.get("uncertainty") or {}
         if cached.get("model") == version and cached.get("samples") == self.samples:
             return float(cached["score"])
-        t2 = load_volume(datastore.get_image_uri(image_id), "T2w")
-        t1 = load_volume(t1_path(datastore, image_id), "T1w")
+        t2 = load_image(datastore.get_image_uri(image_id), "T2w")
+        t1 = load_image(t1_path(datastore, image_id), "T1w")
         with self.store.lock:
             cascade = self.store.cascade()
             loc_sha = self.store.version()["localiser"]["sha256"]

@@ -61,7 +61,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.exception import LabelNotFoundException
 
-from imsct.io import GRID_ATOL_MM, InputError, copy_atomically, load_volume, replace_atomically, same_grid
+from imsct.io import InputError, copy_atomically, grid_difference, load_image, load_volume, replace_atomically
 from imsct.labels import LABELS
 
 from .contrasts import local_t1_candidates, local_t1_path, t1_destination
@@ -188,41 +188,6 @@ def check_size(filename: str, what: str, limit_mb: float) -> None:
                                  "(reading stopped there)")
 
 
-def _voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-
-
-def grid_difference(a, b) -> str:
-    """How the voxel grids of ``a`` and ``b`` (objects with ``.shape`` and ``.affine``) differ, ''
-    when :func:`imsct.io.same_grid` holds: ``shape (..) vs (..)`` and/or ``affine differs by 2.0 mm
-    in translation`` (voxel size, axes and origin named)."""
-    if same_grid(a, b):
-        return ""
-    sa, sb = tuple(int(v) for v in a.shape[:3]), tuple(int(v) for v in b.shape[:3])
-    parts = [f"shape {sa} vs {sb}"] if sa != sb else []
-    A, B = np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64)
-    if not np.allclose(A, B, atol=GRID_ATOL_MM):
-        what = []
-        za, zb = _voxel_sizes(A), _voxel_sizes(B)
-        if not np.allclose(za, zb, atol=GRID_ATOL_MM):
-            what.append(f"voxel size {tuple(round(float(v), 4) for v in za)} vs {tuple(round(float(v), 4) for v in zb)} mm")
-        turn = (A[:3, :3] / za).T @ (B[:3, :3] / zb)  # from one grid's axes to the other's
-        if not np.allclose(turn, np.eye(3), atol=1e-4):
-            if np.linalg.det(turn) < 0:
-                what.append("axes flipped")
-            else:
-                angle = np.degrees(np.arccos(np.clip((np.trace(turn) - 1) / 2, -1, 1)))
-                what.append(f"axes rotated by {angle:.1f} degrees")
-        shift = float(np.linalg.norm(A[:3, 3] - B[:3, 3]))
-        if shift > GRID_ATOL_MM:
-            what.append(f"{shift:.1f} mm in translation" if shift >= 0.1 else f"{shift:.4f} mm in translation")
-        if len(what) == 1 and what[0].endswith("translation"):
-            parts.append(f"affine differs by {what[0]}")
-        else:
-            parts.append("affine differs: " + (", ".join(what) or "by less than the tolerance per element, in sum more"))
-    return "; ".join(parts)
-
-
 class TwoContrastDatastore(LocalDatastore):
     """``LocalDatastore`` whose uploads may carry the case's T1w (see the module docstring)."""
 
@@ -235,13 +200,13 @@ class TwoContrastDatastore(LocalDatastore):
         self._write_lock = FileLock(os.path.join(datastore_path, ".lock"))
         self.studies_root = Path(datastore_path)  # kept here: LocalDatastore has no public accessor
         super().__init__(datastore_path, *args, datastore_config=datastore_config, **kwargs)
+        handler = getattr(self, "_handler", None)  # auto reload: the listing is now renamed into place, not modified
+        if handler is not None:
+            handler.on_moved = self._on_moved_event
 
     def t1_path(self, image_id: str) -> str:
         """The case's Gd-T1w: ``<studies>/T1w/<image id>.nii.gz`` (see :mod:`lib.contrasts`)."""
         return local_t1_path(self.studies_root, image_id)
-        handler = getattr(self, "_handler", None)  # auto reload: the listing is now renamed into place, not modified
-        if handler is not None:
-            handler.on_moved = self._on_moved_event
 
     def _on_moved_event(self, event) -> None:
         if os.path.realpath(getattr(event, "dest_path", "")) == os.path.realpath(self._datastore_config_path):
@@ -289,7 +254,7 @@ class TwoContrastDatastore(LocalDatastore):
             raise HTTPException(422, f"upload of '{image_id}': contrast {image_info.get('contrast')!r} is not T2w or T1w")
         overwrite = _truthy(info.pop("overwrite", False))
         try:
-            volume = load_volume(image_filename, f"uploaded {contrast} of '{image_id}'")
+            volume = load_image(image_filename, f"uploaded {contrast} of '{image_id}'")
         except InputError as exc:
             raise HTTPException(422, str(exc)) from None
         if contrast == "T1w":

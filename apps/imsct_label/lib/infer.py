@@ -19,11 +19,10 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from imsct.io import InputError, Volume, load_volume, save_volume, voxel_volume_mm3
+from imsct.io import InputError, Volume, grid_difference, load_image, load_volume, save_volume, voxel_volume_mm3
 from imsct.labels import COLOURS, LABELS
 
 from .contrasts import MissingContrast, t1_path
-from .datastore import grid_difference
 from .models import ModelStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ def load_case(datastore, request: dict) -> tuple[str | None, Volume, Volume]:
         raise bad_input("an uploaded file has no Gd-T1w; upload the case (T2w and T1w) to the datastore and infer by its image id")
     try:
         t1_file = t1_path(datastore, image_id)
-        return image_id, load_volume(t2_file, "T2w"), load_volume(t1_file, "T1w")
+        return image_id, load_image(t2_file, "T2w"), load_image(t1_file, "T1w")
     except (InputError, MissingContrast) as exc:
         raise bad_input(str(exc)) from None
 

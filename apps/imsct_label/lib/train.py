@@ -20,9 +20,10 @@ from dataclasses import asdict
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from imsct.io import grid_difference
+
 from .config import AppConfig
 from .contrasts import MissingContrast, t1_path
-from .datastore import grid_difference
 from .infer import CORD_TAG
 
 log = logging.getLogger(__name__)
