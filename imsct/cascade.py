@@ -137,6 +137,7 @@ class CascadeResult:
     working_shape: tuple[int, int, int]
     working_affine: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    t1_coverage: float | None = None  # share of the stage-2 box inside the T1w's field (None: T2w-only)
 
 
 def _no_hook(_stage: str) -> None:
@@ -173,8 +174,11 @@ class Cascade:
         cord_constraint: bool = CORD_CONSTRAINT,
         cord_margin_mm: float = CORD_MARGIN_MM,
         backend: str | None = None,
+        models: dict | None = None,
     ):
         self.device = torch.device(device)
+        # the weights files and their SHA-256 (from_models fills it in; outputs' sidecars record it)
+        self.models = dict(models or {})
         # localiser=None: no cascade, stage 2 runs over the whole field (the paper's baseline);
         # segmenter=None: a localiser-only cascade (continual learning's stage-1 rounds)
         self.localiser = localiser.to(self.device).eval() if localiser is not None else None
@@ -232,7 +236,16 @@ class Cascade:
             kw["inferer"] = sliding_window_inferer(sw_batch_size=OPENVINO_SW_BATCH_SIZE)
         # an exported graph runs in its own precision (OpenVINO: bf16 as asked; the others float32)
         label = backend + (" bf16" if bf16 and backend in ("eager", "openvino") else "")
-        return cls(loc, seg, device=device, t2_only=t2_only, amp=amp if backend == "eager" else False, backend=label, **kw)
+        return cls(loc, seg, device=device, t2_only=t2_only, amp=amp if backend == "eager" else False, backend=label,
+                   models=weights.record(keys, models_dir), **kw)
+
+    def settings(self) -> dict:
+        """What made this cascade's masks, for provenance: models, runtime and every option that
+        changes the answer."""
+        return {"models": self.models, "backend": self.backend, "t2_only": self.t2_only, "threshold": self.threshold,
+                "min_volume_cm3": dict(self.min_volume_cm3), "fill_holes": self.fill_holes,
+                "cord_constraint": self.cord_constraint, "cord_margin_mm": self.cord_margin_mm,
+                "fit_field": self.fit_field, "window": list(self.inferer.roi_size)}
 
     def _autocast(self):
         if self.amp:
@@ -455,6 +468,7 @@ class Cascade:
             working_shape=w.shape,
             working_affine=w.affine,
             timings=tm,
+            t1_coverage=None if self.t2_only else coverage,
         )
 
 

@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    import shlex
+
+    args.command_line = "imsct " + shlex.join(argv)  # for the outputs' provenance
     try:
         return int(args._run(args) or 0)
     except InputError as exc:

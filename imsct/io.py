@@ -306,21 +306,24 @@ def _nifti_writer(data: np.ndarray, affine: np.ndarray, dtype) -> Callable[[str]
     return lambda tmp: nib.save(img, tmp)
 
 
-def save_volumes(items: list[tuple[np.ndarray, np.ndarray, str | os.PathLike, type]]) -> list[Path]:
-    """Write several NIfTI files all-or-nothing (:func:`write_all_or_nothing`)."""
-    return write_all_or_nothing([(path, _nifti_writer(data, affine, dtype)) for data, affine, path, dtype in items])
+def _text_writer(text: str) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+    return write
+
+
+def save_volumes(items: list[tuple[np.ndarray, np.ndarray, str | os.PathLike, type]],
+                 texts: list[tuple[str, str | os.PathLike]] = ()) -> list[Path]:
+    """Write several NIfTI files, and ``texts`` (``(text, path)`` pairs, e.g. their JSON sidecars),
+    all-or-nothing (:func:`write_all_or_nothing`)."""
+    return write_all_or_nothing([(path, _nifti_writer(data, affine, dtype)) for data, affine, path, dtype in items]
+                                + [(path, _text_writer(text)) for text, path in texts])
 
 
 def write_texts(items: list[tuple[str, str | os.PathLike]]) -> list[Path]:
     """Write text files (``(text, path)`` pairs) all-or-nothing (:func:`write_all_or_nothing`)."""
-
-    def writer(text: str) -> Callable[[str], None]:
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as fh:
-                fh.write(text)
-        return write
-
-    return write_all_or_nothing([(path, writer(text)) for text, path in items])
+    return write_all_or_nothing([(path, _text_writer(text)) for text, path in items])
 
 
 def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=np.uint8) -> Path:

@@ -36,10 +36,12 @@ MIN_VOLUME_CM3: dict[str, float] = {"tumor": 0.2, "edema": 0.5, "cavity": 0.5}
 
 def output_paths(case_name: str, output_dir: str | Path, probabilities: bool = False) -> dict[str, Path]:
     """Where a case's outputs go: the four SCT-named masks (keys = class names), the label map
-    (``"labelmap"``) and, with ``probabilities``, the soft maps (``"prob-<class>"``)."""
+    (``"labelmap"``), its JSON sidecar (``"sidecar"``: provenance) and, with ``probabilities``, the
+    soft maps (``"prob-<class>"``)."""
     out = Path(output_dir)
     paths = {name: out / f"{case_name}{suffix}.nii.gz" for name, suffix in SEG_SUFFIXES.items()}
     paths["labelmap"] = out / f"{case_name}{LABELMAP_SUFFIX}.nii.gz"
+    paths["sidecar"] = out / f"{case_name}{LABELMAP_SUFFIX}.json"  # provenance, BIDS-style beside the label map
     if probabilities:
         paths.update({f"prob-{name}": out / f"{case_name}{PROB_PREFIX}{name}.nii.gz" for name in STAGE2_CHANNELS})
     return paths

@@ -95,6 +95,22 @@ def path(key: str, models_dir: str | Path | None = None) -> Path:
     return spec(key).path(models_dir)
 
 
+def checksum(key: str, models_dir: str | Path | None = None) -> str:
+    """SHA-256 (hex) of model ``key``'s weights file: what provenance records and caches key on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path(key, models_dir), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record(keys, models_dir: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """``{file name: {"model": key, "sha256": ...}}`` for the models ``keys``: the provenance of outputs."""
+    return {spec(k).filename: {"model": k, "sha256": checksum(k, models_dir)} for k in keys}
+
+
 def build(key: str) -> torch.nn.Module:
     """A freshly initialised network for model ``key`` (the architecture every config uses)."""
     return spec(key).build()
@@ -260,13 +276,12 @@ ONNX_GRAPH_FORMAT = "validity"  # graphs of stage 2 take the validity channel (a
 def onnx_source(key: str, models_dir: str | Path | None = None) -> Path:
     """An ONNX graph of model ``key``'s current weights: the export beside them when it is newer than
     the weights, else one made once into the user cache, named by the weights' SHA-256."""
-    import hashlib
 
     weights_file = path(key, models_dir)
     beside = exported_path(key, models_dir, "onnx")
     if beside.is_file() and beside.stat().st_mtime >= weights_file.stat().st_mtime:
         return beside
-    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:16]
+    digest = checksum(key, models_dir)[:16]
     cached = _cache_dir() / "onnx" / f"{spec(key).stem}-{digest}-{ONNX_GRAPH_FORMAT}.onnx"
     if not cached.is_file():
         import warnings

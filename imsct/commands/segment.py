@@ -7,15 +7,23 @@ import contextlib
 import sys
 from pathlib import Path
 
-HELP = "Segment tumour, edema and cavity on one T2w + Gd-T1w pair; writes SCT-named masks on the T2w grid."
+HELP = ("Segment tumour, edema and cavity on one T2w + Gd-T1w pair, or every case of a BIDS folder; "
+        "writes SCT-named masks on the T2w grid.")
 EXAMPLE = ("imsct segment --t2 sub-001_T2w.nii.gz --t1 sub-001_T1w.nii.gz -o seg/ --probabilities --morphometrics\n"
-           "  imsct segment --t2 sub-001_T2w.nii.gz --t2-only --remove-small tumor=0.1,edema=0.3")
+           "  imsct segment --t2 sub-001_T2w.nii.gz --t2-only --remove-small tumor=0.1,edema=0.3\n"
+           "  imsct segment --bids study/ --jobs 2            # into study/derivatives/imsct/sub-*/anat/")
 
 STAGES = ("load + resample", "localise cord", "segment", "post-process + save")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--t2", required=True, metavar="T2W", help="T2-weighted image (NIfTI); outputs are on its grid")
+    parser.add_argument("--t2", metavar="T2W", help="T2-weighted image (NIfTI); outputs are on its grid")
+    parser.add_argument("--bids", metavar="DIR",
+                        help="instead of --t2/--t1: every sub-*/[ses-*/]anat/*_T2w of a BIDS folder with its T1w, into BIDS "
+                             "derivatives (-o, default DIR/derivatives/imsct) with dataset_description.json and imsct_volumes.csv")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="with --bids: cases segmented in parallel (processes)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --bids: redo cases whose outputs are complete and newer than their inputs (skipped otherwise)")
     parser.add_argument("--t1", metavar="T1W", help="gadolinium-enhanced T1-weighted image (NIfTI); any grid overlapping the T2w")
     parser.add_argument("-o", "--output", metavar="DIR", help="output folder (default: the T2w's folder)")
     parser.add_argument("--models", metavar="DIR", help="models folder (default: the shipped bundle/models; see imsct.weights)")
@@ -110,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     from ..io import InputError, check_writable_folder, load_image, strip_nifti_ext
 
     t_start = time.perf_counter()
+    if args.bids:
+        return _run_bids(args, t_start)
+    if not args.t2:
+        raise InputError("no input: give --t2 FILE (with --t1 FILE or --t2-only), or --bids DIR")
 
     t2 = Path(args.t2)
     if not t2.is_file():
@@ -163,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     show = args.progress or sys.stderr.isatty()
     with stage_progress(show) as on_stage:
         info = segment_volumes(cascade, t2_vol, t1_vol, out_dir, name, probabilities=args.probabilities,
-                               register_t1=args.register_t1 and t1_vol is not None, on_stage=on_stage, progress=show)
+                               register_t1=args.register_t1 and t1_vol is not None, on_stage=on_stage, progress=show,
+                               extra={"command": getattr(args, "command_line", None)})
 
     outputs = {k: Path(v) for k, v in info["outputs"].items()}
     if args.morphometrics or levels is not None:
@@ -196,4 +209,38 @@ def run(args: argparse.Namespace) -> int:
     print(f"volumes (cm3): {vols}")
     print(f"time: {info['seconds']:.1f} s for the case (start-up before it: {startup_s:.1f} s, reading the images, "
           f"loading the networks on {cascade.backend})")
+    return 0
+
+
+def _run_bids(args: argparse.Namespace, t_start: float) -> int:
+    """``--bids DIR``: :func:`imsct.batch.segment_dataset`, one line per case, the summary, honest wall time."""
+    import time
+
+    from ..batch import SUMMARY, segment_dataset
+    from ..io import InputError
+
+    for flag in ("t2", "t1", "register_t1", "morphometrics", "levels"):
+        if getattr(args, flag, None):
+            raise InputError(f"--bids {args.bids}: --{flag.replace('_', '-')} applies to one case; not with --bids")
+    if args.jobs < 1:
+        raise InputError(f"--jobs {args.jobs}: must be 1 or more")
+    if not 0.0 < args.thr < 1.0:
+        raise InputError(f"--thr {args.thr}: must be between 0 and 1")
+    _check_device(args.device)
+    kw = {"models_dir": args.models, "t2_only": args.t2_only, "device": args.device, "precision": args.precision,
+          "threshold": args.thr, "min_volume_cm3": parse_remove_small(args.remove_small),
+          "fill_holes": not args.no_fill_holes, "cord_constraint": not args.no_cord_constraint}
+    results = segment_dataset(args.bids, args.output, kw, jobs=args.jobs, overwrite=args.overwrite,
+                              probabilities=args.probabilities, extra={"command": getattr(args, "command_line", None)})
+    out_root = Path(args.output) if args.output else Path(args.bids) / "derivatives" / "imsct"
+    counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
+    wall = time.perf_counter() - t_start
+    print(f"{len(results)} case(s): {counts['written']} written, {counts['skipped']} up to date, {counts['failed']} failed; "
+          f"summary {(out_root / SUMMARY).resolve()}")
+    print(f"time: {wall:.1f} s wall, start-up included ({args.jobs} job(s))")
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        lines = "\n".join(f"  {r.name}: {r.error}" for r in failed)
+        print(f"imsct segment: {len(failed)} of {len(results)} case(s) failed:\n{lines}", file=sys.stderr)
+        return 1
     return 0

@@ -78,6 +78,19 @@ def test_good_case_written_on_t2_grid(bad_run):
     assert set(np.unique(lab)) <= {0, 1, 2, 3}
     for value, suffix in ((1, "_seg-tumor"), (2, "_seg-edema"), (3, "_seg-cavity")):
         assert np.array_equal(maps[suffix] > 0, lab == value)
+    # the provenance sidecar: version, the models that made the masks (checksums of the files), inputs
+    import json
+
+    import imsct
+    from imsct import weights
+
+    side = json.loads((out / "sub-001_T2w_seg-imsct.json").read_text())
+    assert side["GeneratedBy"] == {"Name": "imsct", "Version": imsct.__version__}
+    assert side["models"] == weights.record(weights.CASCADE_MODELS[False])
+    assert side["inputs"]["T2w"] == str((ds / "sub-001" / "anat" / "sub-001_T2w.nii.gz").resolve())
+    vox = float(abs(np.linalg.det(t2.affine[:3, :3]))) / 1000.0
+    assert side["volumes_cm3"]["tumor"] == pytest.approx((lab == 1).sum() * vox, abs=1e-4)
+    assert side["cord_constraint"] is True and 0.0 < side["t1_coverage_of_box"] <= 1.0
     assert np.array_equal(maps["_seg-whole-tumor"] > 0, lab > 0)
     assert "sub-001_T2w: tumor" in proc.stdout  # per-class volumes reported
 

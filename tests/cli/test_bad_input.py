@@ -343,7 +343,7 @@ def test_bundle_reports_each_bad_case_and_keeps_earlier_outputs(case, tmp_path):
     assert {k: v for k, v in after.items() if k in out_before} == out_before
     assert _sha_tree(ds) == ds_before
     new = sorted(set(after) - set(out_before))
-    assert new == sorted(f"sub-good_T2w{s}.nii.gz" for s in OUTPUT_SUFFIXES), new
+    assert new == sorted([f"sub-good_T2w{s}.nii.gz" for s in OUTPUT_SUFFIXES] + ["sub-good_T2w_seg-imsct.json"]), new
 
 
 # ---- server ---------------------------------------------------------------------------------------

@@ -288,3 +288,55 @@ def test_empty_answer_is_a_valid_answer(tmp_path):
     assert len(masks) == 5 and all(not np.asarray(nib.load(m).dataobj).any() for m in masks)
     morpho = json.loads(next(out.glob("*_morphometrics.json")).read_text())
     assert all(c["count"] == 0 and c["volume_mm3"] == 0 for c in morpho["classes"].values())
+
+
+def test_bids_batch_writes_derivatives_skips_up_to_date_cases_and_goes_on_after_a_failure(phantom_dir, tmp_path, capsys):
+    """``imsct segment --bids``: BIDS-derivatives layout with dataset_description.json, a sidecar per
+    case and the volumes table; a second run skips what is up to date, a touched input is redone,
+    --overwrite redoes all; a broken case fails alone."""
+    import csv
+    import json
+    import os
+    import shutil
+
+    import imsct
+    from imsct import weights
+    from imsct.cli import main
+
+    ds = tmp_path / "study"
+    for sub in ("sub-001", "sub-002"):
+        shutil.copytree(phantom_dir / sub, ds / sub)
+    out = ds / "derivatives" / "imsct"
+    assert main(["segment", "--bids", str(ds), "--jobs", "2", "--precision", "float32"]) == 0
+    text = capsys.readouterr().out
+    assert "2 case(s): 2 written, 0 up to date, 0 failed" in text and "start-up included (2 job(s))" in text, text
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Version"] == imsct.__version__
+    for f, m in weights.record(weights.CASCADE_MODELS[False]).items():
+        assert f"{f} sha256 {m['sha256']}" in desc["GeneratedBy"][0]["Description"]
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "imsct_volumes.csv"))}
+    assert set(rows) == {"sub-001_T2w", "sub-002_T2w"} and {r["status"] for r in rows.values()} == {"written"}
+    for sub in ("sub-001", "sub-002"):
+        side = json.loads((out / sub / "anat" / f"{sub}_T2w_seg-imsct.json").read_text())
+        assert side["command"].startswith("imsct segment --bids")
+        assert float(rows[f"{sub}_T2w"]["tumor_cm3"]) == pytest.approx(side["volumes_cm3"]["tumor"], abs=1e-3)
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")}
+
+    assert main(["segment", "--bids", str(ds), "--precision", "float32"]) == 0
+    assert "0 written, 2 up to date" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")} == stamp  # nothing rewritten
+
+    t2 = ds / "sub-002" / "anat" / "sub-002_T2w.nii.gz"
+    later = max(stamp.values()) / 1e9 + 10
+    os.utime(t2, (later, later))  # the input changed after its outputs: redone
+    assert main(["segment", "--bids", str(ds), "--precision", "float32"]) == 0
+    assert "1 written, 1 up to date" in capsys.readouterr().out
+
+    t2.write_bytes(b"not an image any more")
+    assert main(["segment", "--bids", str(ds), "--precision", "float32", "--overwrite"]) == 1
+    captured = capsys.readouterr()
+    assert "1 written, 0 up to date, 1 failed" in captured.out
+    assert "sub-002_T2w" in captured.err and str(t2) in captured.err and "cannot be read as NIfTI" in captured.err
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "imsct_volumes.csv"))}
+    assert rows["sub-001_T2w"]["status"] == "written" and rows["sub-002_T2w"]["status"] == "failed"
+    assert (out / "sub-002" / "anat" / "sub-002_T2w_seg-imsct.nii.gz").is_file()  # the earlier result is kept
