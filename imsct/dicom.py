@@ -178,6 +178,21 @@ def display_oriented(volume: Volume) -> Volume:
     return Volume(np.ascontiguousarray(data), aff, volume.path)
 
 
+def series_ordered(volume: Volume) -> Volume:
+    """The voxel order a series is written in (exactly the same image): slices along the
+    :func:`slice_axis` as the third axis, in-plane axes as :func:`display_oriented`, and the
+    slices stacked along the normal (row direction x column direction), so that InstanceNumber
+    and SliceLocation increase together."""
+    vol = display_oriented(acquisition_ordered(volume))
+    lps = LPS @ vol.affine
+    if np.cross(lps[:3, 0], lps[:3, 1]) @ lps[:3, 2] < 0:
+        aff = np.array(vol.affine, dtype=np.float64)
+        aff[:3, 3] += aff[:3, 2] * (vol.shape[2] - 1)
+        aff[:3, 2] *= -1
+        vol = Volume(np.ascontiguousarray(np.flip(np.asarray(vol.data), 2)), aff, vol.path)
+    return vol
+
+
 def _quantise(data: np.ndarray) -> tuple[np.ndarray, float, float]:
     """int16 pixel values and (slope, intercept) with value = stored * slope + intercept."""
     data = np.asarray(data, dtype=np.float64)
@@ -202,10 +217,11 @@ def volume_to_series(
     study_date: str = "20240101",
 ) -> list[Path]:
     """Write one 3D volume as an MR series into ``out_dir``: one file per acquired slice (along
-    :func:`slice_axis`), in-plane axes ordered for display (:func:`display_oriented`)."""
+    :func:`slice_axis`), in-plane axes ordered for display (:func:`display_oriented`), instance 1
+    the first along the slice normal (:func:`series_ordered`)."""
     if np.asarray(volume.data).ndim != 3:
         raise InputError(f"{volume.path}: expected a 3D image, got shape {np.asarray(volume.data).shape}")
-    volume = display_oriented(acquisition_ordered(volume))
+    volume = series_ordered(volume)
     data = volume.data
     geo = geometry_from_affine(volume.affine, data.shape, where=str(volume.path))
     stored, slope, intercept = _quantise(data)
