@@ -11,7 +11,7 @@ Conventions (used by the DICOMweb datastore of the MONAI Label app):
   axis is within 1 % of that spacing (isotropic 3D data, or a tie) the third axis is kept, as the
   axis a DICOM-to-NIfTI converter (dcm2niix) stores the acquired slices along. The two other axes
   become the rows and columns, ordered and flipped for radiological display
-  (:func:`display_oriented`);
+  (:func:`display_oriented`), and instance 1 is the first slice along the normal (row x column);
 - geometry is exact: the NIfTI affine (RAS+, mm) is turned into LPS ``ImagePositionPatient`` per
   slice, ``ImageOrientationPatient``, ``PixelSpacing`` (row spacing first), and ``SliceThickness``
   = ``SpacingBetweenSlices`` = the slice spacing (a NIfTI holds no gap between slices);
@@ -39,7 +39,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .io import InputError, Volume, grid_difference, load_image, load_volume, replace_atomically, same_grid
+from .io import InputError, Volume, _grid, grid_difference, load_image, load_volume, replace_atomically, same_grid
 from .labels import COLOURS, LABELS
 
 T2W_DESCRIPTION = "T2w"
@@ -117,8 +117,6 @@ def reorient_like(volume: Volume, grid, where: str | None = None) -> Volume:
     """``volume`` with its voxel axes permuted and flipped (exactly, no resampling) onto ``grid``
     (a Volume, a nibabel image or a ``(shape, affine)`` pair) when both describe the same voxels in
     the world; :class:`InputError` naming ``where`` otherwise."""
-    from .io import _grid
-
     shape, affine = _grid(grid)
     if same_grid(volume, (shape, affine)):
         return volume
