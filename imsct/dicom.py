@@ -5,10 +5,17 @@ Conventions (used by the DICOMweb datastore of the MONAI Label app):
 - one study (one ``StudyInstanceUID``) per subject, holding two MR series that share one
   ``FrameOfReferenceUID``: the T2w series (``SeriesDescription`` ``"T2w"``, series number 1) and the
   Gd-enhanced T1w series (``SeriesDescription`` ``"T1w Gd"``, series number 2);
+- a series is written in its acquisition plane, one instance per acquired slice. The slice axis
+  (:func:`slice_axis`) is the voxel axis with the largest spacing (a 2D acquisition's slices are
+  thicker than its pixels, whatever order the NIfTI stores its axes in); when the NIfTI's third
+  axis is within 1 % of that spacing (isotropic 3D data, or a tie) the third axis is kept, as the
+  axis a DICOM-to-NIfTI converter (dcm2niix) stores the acquired slices along. The two other axes
+  become the rows and columns, ordered and flipped for radiological display
+  (:func:`display_oriented`), and instance 1 is the first slice along the normal (row x column);
 - geometry is exact: the NIfTI affine (RAS+, mm) is turned into LPS ``ImagePositionPatient`` per
-  slice, ``ImageOrientationPatient``, ``PixelSpacing`` and ``SliceThickness`` /
-  ``SpacingBetweenSlices``; the DICOM columns run along the NIfTI first axis, the rows along the
-  second, one instance per index of the third;
+  slice, ``ImageOrientationPatient``, ``PixelSpacing`` (row spacing first), and ``SliceThickness``
+  = ``SpacingBetweenSlices`` = the slice spacing (a NIfTI holds no gap between slices);
+  :func:`read_series` reads the series back (on the NIfTI's own voxel order with ``like=``);
 - voxel values are stored as signed 16-bit integers with ``RescaleSlope`` chosen so that no value
   loses more than half a slope step (slope 1 when the image already holds integers that fit);
 - segmentations are DICOM SEG (pydicom-seg) with one segment per class of :mod:`imsct.labels`
@@ -24,6 +31,7 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -31,7 +39,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .io import InputError, Volume, load_image, load_volume, replace_atomically, same_grid
+from .io import InputError, Volume, _grid, grid_difference, load_image, load_volume, replace_atomically, same_grid
 from .labels import COLOURS, LABELS
 
 T2W_DESCRIPTION = "T2w"
@@ -73,6 +81,53 @@ class SeriesGeometry:
     col_dir: np.ndarray  # LPS unit vector down a column (increasing row index) = NIfTI axis 1 of the grid given
     spacing: np.ndarray  # mm along NIfTI axes 0, 1, 2
     positions: np.ndarray  # (n_slices, 3) LPS position of the first voxel of each slice
+
+
+SLICE_AXIS_TIE = 0.01  # spacings within 1 % of the largest count as the largest (isotropic data)
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """The voxel axis of a NIfTI grid that a DICOM series lists as its slices (the acquired slices).
+
+    The axis with the largest spacing: a 2D MR acquisition's slice thickness exceeds its in-plane
+    resolution, so this is the acquisition's slice direction however the NIfTI's axes were
+    permuted (a sagittal image stored RAS has its slices along the first axis). When the third
+    axis's spacing is within :data:`SLICE_AXIS_TIE` of the largest (isotropic 3D data, where the
+    spacing cannot tell), the third axis: the one converters store the acquired slices along. Of
+    two other axes tied for the largest, the later one.
+    """
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    tied = [a for a in range(3) if spacing[a] >= spacing.max() * (1 - SLICE_AXIS_TIE)]
+    return 2 if 2 in tied else tied[-1]
+
+
+def acquisition_ordered(volume: Volume) -> Volume:
+    """The same image with its axes permuted (exactly, no resampling) so that the third is its
+    :func:`slice_axis`; the two in-plane axes keep their order."""
+    k = slice_axis(volume.affine)
+    if k == 2:
+        return volume
+    order = [a for a in range(3) if a != k] + [k]
+    aff = np.array(volume.affine, dtype=np.float64)
+    aff[:, :3] = aff[:, order]
+    return Volume(np.ascontiguousarray(np.asarray(volume.data).transpose(order)), aff, volume.path)
+
+
+def reorient_like(volume: Volume, grid, where: str | None = None) -> Volume:
+    """``volume`` with its voxel axes permuted and flipped (exactly, no resampling) onto ``grid``
+    (a Volume, a nibabel image or a ``(shape, affine)`` pair) when both describe the same voxels in
+    the world; :class:`InputError` naming ``where`` otherwise."""
+    shape, affine = _grid(grid)
+    if same_grid(volume, (shape, affine)):
+        return volume
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(volume.affine), nib.io_orientation(affine))
+    data = nib.orientations.apply_orientation(np.asarray(volume.data), ornt)
+    aff = np.asarray(volume.affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
+    out = Volume(np.ascontiguousarray(data), aff, volume.path)
+    if not same_grid(out, (shape, affine)):
+        raise InputError(f"{where or volume.path}: grid {volume.shape} is not a reordering of the grid {shape} "
+                         f"it should match ({grid_difference(out, SimpleNamespace(shape=shape, affine=affine))})")
+    return out
 
 
 def geometry_from_affine(affine: np.ndarray, shape, where: str = "image") -> SeriesGeometry:
@@ -121,6 +176,21 @@ def display_oriented(volume: Volume) -> Volume:
     return Volume(np.ascontiguousarray(data), aff, volume.path)
 
 
+def series_ordered(volume: Volume) -> Volume:
+    """The voxel order a series is written in (exactly the same image): slices along the
+    :func:`slice_axis` as the third axis, in-plane axes as :func:`display_oriented`, and the
+    slices stacked along the normal (row direction x column direction), so that InstanceNumber
+    and SliceLocation increase together."""
+    vol = display_oriented(acquisition_ordered(volume))
+    lps = LPS @ vol.affine
+    if np.cross(lps[:3, 0], lps[:3, 1]) @ lps[:3, 2] < 0:
+        aff = np.array(vol.affine, dtype=np.float64)
+        aff[:3, 3] += aff[:3, 2] * (vol.shape[2] - 1)
+        aff[:3, 2] *= -1
+        vol = Volume(np.ascontiguousarray(np.flip(np.asarray(vol.data), 2)), aff, vol.path)
+    return vol
+
+
 def _quantise(data: np.ndarray) -> tuple[np.ndarray, float, float]:
     """int16 pixel values and (slope, intercept) with value = stored * slope + intercept."""
     data = np.asarray(data, dtype=np.float64)
@@ -144,11 +214,12 @@ def volume_to_series(
     frame_of_reference_uid: str | None = None,
     study_date: str = "20240101",
 ) -> list[Path]:
-    """Write one 3D volume as an MR series (one file per slice along its third axis) into ``out_dir``,
-    in-plane axes ordered for display (:func:`display_oriented`)."""
+    """Write one 3D volume as an MR series into ``out_dir``: one file per acquired slice (along
+    :func:`slice_axis`), in-plane axes ordered for display (:func:`display_oriented`), instance 1
+    the first along the slice normal (:func:`series_ordered`)."""
     if np.asarray(volume.data).ndim != 3:
         raise InputError(f"{volume.path}: expected a 3D image, got shape {np.asarray(volume.data).shape}")
-    volume = display_oriented(volume)
+    volume = series_ordered(volume)
     data = volume.data
     geo = geometry_from_affine(volume.affine, data.shape, where=str(volume.path))
     stored, slope, intercept = _quantise(data)
@@ -287,12 +358,15 @@ def _dicom_files(source) -> list[Path]:
     return files
 
 
-def read_series(source) -> Volume:
+def read_series(source, like=None) -> Volume:
     """Read one single-frame DICOM series (a folder or a list of files) as a Volume (RAS+ affine).
 
     Slices are ordered by their position along the slice normal; the volume's first axis runs along
     the DICOM rows, the second down the columns, the third along the normal. The world geometry is
-    that of the written image; the voxel order may differ from it by flips and swaps of axes.
+    that of the written image; the voxel order may differ from it by flips and swaps of axes
+    (:func:`volume_to_series` writes the acquisition plane). ``like`` (a Volume, a nibabel image or
+    a ``(shape, affine)`` pair, e.g. the NIfTI the series was written from): the volume reordered
+    onto that grid (:func:`reorient_like`), so the round trip gives the same shape and affine.
     """
     files = _dicom_files(source)
     where = str(source if not isinstance(source, list) else files[0].parent)
@@ -336,14 +410,15 @@ def read_series(source) -> Volume:
         intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
         planes.append((arr * slope + intercept).T)
     data = np.stack(planes, axis=2).astype(np.float32)
-    return Volume(data=data, affine=LPS @ lps, path=where)
+    vol = Volume(data=data, affine=LPS @ lps, path=where)
+    return vol if like is None else reorient_like(vol, like, where=f"DICOM series {where}")
 
 
-def series_to_nifti(source, out_path: str | os.PathLike) -> Path:
-    """Read a DICOM series and write it as NIfTI (atomically)."""
+def series_to_nifti(source, out_path: str | os.PathLike, like=None) -> Path:
+    """Read a DICOM series and write it as NIfTI (atomically); ``like`` as in :func:`read_series`."""
     from .io import save_volume
 
-    vol = read_series(source)
+    vol = read_series(source, like=like)
     return save_volume(vol.data, vol.affine, out_path, dtype=np.float32)
 
 
@@ -405,7 +480,9 @@ def volume_to_sitk(volume: Volume, pixel_type=None):
 def write_seg(labelmap: Volume | str | os.PathLike, source, out_path: str | os.PathLike,
               algorithm: str = "IMSCT cascade") -> Path:
     """Write a label map (0 background, 1 tumor, 2 edema, 3 cavity) on the grid of the DICOM
-    series ``source`` (folder or files) as a DICOM SEG file referencing that series.
+    series ``source`` (folder or files) as a DICOM SEG file referencing that series: one frame per
+    source slice and segment, each lying on and referencing its source instance. The label map may
+    store its voxels in another order (e.g. that of the NIfTI the series was written from).
 
     Refuses a label map with values outside the IMSCT classes, one with no labelled voxel (DICOM
     SEG cannot hold an empty segmentation), or one whose grid differs from the source series.
@@ -423,13 +500,15 @@ def write_seg(labelmap: Volume | str | os.PathLike, source, out_path: str | os.P
         raise InputError(f"{lab.path}: label map is empty; DICOM SEG needs at least one labelled voxel")
     files = _dicom_files(source)
     ref = read_series(files)
-    if not same_grid(ref, lab):
-        # The reader may order the slices the other way; compare in canonical orientation.
-        a = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine))
-        b = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine))
-        if not same_grid(a, b):
-            raise InputError(f"{lab.path}: label map grid {lab.shape} does not match the DICOM series {ref.path} {ref.shape}")
-    seg_img = volume_to_sitk(Volume(np.round(lab.data).astype(np.uint16), lab.affine, lab.path), sitk.sitkUInt16)
+    # The label map may be on the NIfTI's voxel order; the SEG's frames must be the series' slices
+    # (pydicom-seg references, for each frame along the third axis, the instance lying on it).
+    try:
+        on_ref = reorient_like(lab, ref)
+    except InputError:
+        canonical = [nib.as_closest_canonical(nib.Nifti1Image(np.zeros(v.shape, np.uint8), v.affine)) for v in (lab, ref)]
+        raise InputError(f"{lab.path}: label map grid {lab.shape} does not match the DICOM series {ref.path} "
+                         f"{ref.shape} (in RAS order: {grid_difference(*canonical)})") from None
+    seg_img = volume_to_sitk(Volume(np.round(on_ref.data).astype(np.uint16), ref.affine, lab.path), sitk.sitkUInt16)
     writer = pydicom_seg.MultiClassWriter(template=seg_template(present, algorithm=algorithm),
                                           inplane_cropping=False, skip_empty_slices=False, skip_missing_segment=False)
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]

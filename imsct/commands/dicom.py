@@ -1,8 +1,13 @@
-"""``imsct dicom``: a BIDS folder of T2w + Gd-T1w NIfTI as DICOM MR studies (sagittal series), optionally stored by STOW-RS."""
+"""``imsct dicom``: a BIDS folder of T2w + Gd-T1w NIfTI as DICOM MR studies, optionally stored by STOW-RS.
+
+Each series is written in its acquisition plane, one instance per acquired slice: the slices run
+along the voxel axis with the largest spacing (the NIfTI's third axis for isotropic data); see
+:func:`imsct.dicom.slice_axis`."""
 
 from __future__ import annotations
 
-HELP = "Convert a BIDS folder of T2w + Gd-T1w NIfTI (e.g. phantoms) to DICOM MR studies; optionally store them in a DICOMweb server."
+HELP = ("Convert a BIDS folder of T2w + Gd-T1w NIfTI (e.g. phantoms) to DICOM MR studies, one instance per acquired slice "
+        "(slices along the axis with the largest voxel spacing; the third for isotropic images); optionally store them in a DICOMweb server.")
 EXAMPLE = ("imsct dicom data/phantoms --out data/phantoms-dicom\n"
            "  imsct dicom data/phantoms --out data/phantoms-dicom --stow http://127.0.0.1:8042/dicom-web")
 

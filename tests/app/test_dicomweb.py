@@ -71,6 +71,26 @@ def test_datastore_lists_t2_series_only(orthanc, datastore):
     assert set(datastore.list_images()) == want
 
 
+def test_datastore_json_lists_what_status_counts(orthanc, tmp_path):
+    """``GET /datastore?output=all`` answers with the datastore's json(): on a fresh cache it listed
+    0 objects while ``/info`` (status()) counted every T2w series."""
+    dw = app_dicomweb()
+    from monailabel.datastore.dicom import DICOMwebClientX
+
+    client = DICOMwebClientX(url=orthanc.dicomweb_url, session=None, qido_url_prefix=None, wado_url_prefix=None, stow_url_prefix=None)
+    fresh = dw.ImsctDICOMWebDatastore(client, cache_path=str(tmp_path / "cache"))
+    objects = fresh.json()["objects"]
+    want = {s.t2_series_uid for s in orthanc.studies} | {orthanc.lone_t2}
+    assert set(objects) == want and fresh.status()["total"] == len(want) == 2
+    s = orthanc.studies[0]
+    info = objects[s.t2_series_uid]["image"]["info"]
+    assert (info["StudyInstanceUID"], info["PatientID"], info["SeriesDescription"]) == (s.study_uid, "sub-001", "T2w")
+    # an image opened since keeps its cached entry (file extension), and the others stay listed
+    fresh.get_image_uri(s.t2_series_uid)
+    objects = fresh.json()["objects"]
+    assert set(objects) == want and objects[s.t2_series_uid]["image"]["ext"] == ".nii.gz"
+
+
 def test_make_datastore_uses_mr_filter(orthanc, tmp_path, monkeypatch):
     dw = app_dicomweb()
     from monailabel.config import settings
@@ -133,6 +153,8 @@ def test_final_label_saved_as_dicom_seg(phantom_dir, orthanc, datastore, tmp_pat
     # the datastore now reports the T2w series as labelled (no stale cache)
     assert s.t2_series_uid in datastore.get_labeled_images()
     assert s.t2_series_uid not in datastore.get_unlabeled_images()
+    objects = datastore.json()["objects"]
+    assert "final" in objects[s.t2_series_uid]["labels"] and not objects[orthanc.lone_t2]["labels"]
     # and serves the final label from its cache on the image grid
     final = load_volume(datastore.get_label_uri(datastore.get_label_by_image_id(s.t2_series_uid, "final"), "final"))
     assert_same_image(final, lm, tol=0)
@@ -148,7 +170,8 @@ def test_monailabel_server_infer_and_save_through_orthanc(stack, tmp_path):
     info = client.info()
     assert "cascade" in info["models"]
     t2_id = stack.study.t2_series_uid
-    assert set(client.datastore()["objects"]) <= {t2_id}
+    assert set(client.datastore()["objects"]) == {t2_id}  # was empty until an image had been downloaded
+    assert info["datastore"]["total"] == 1
     sample = client.next_sample("first", {})
     assert sample["id"] == t2_id, stack.server.log_tail()  # the only image: the T2w series (not the T1w)
 

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from imsct import dicom
 from imsct.io import InputError, Volume, load_volume
-from imsct.labels import COLOURS, LABELS
+from imsct.labels import COLOURS, LABELS, SEG_SUFFIXES
 from support.cases import assert_same_image, phantom_labelmap
 
 
@@ -156,3 +156,202 @@ def test_seg_refuses_bad_label_maps(phantom_dir, tmp_path):
     with pytest.raises(InputError, match="does not match the DICOM series"):
         dicom.write_seg(moved, tmp_path / "t2", tmp_path / "c.dcm")
     assert not list(tmp_path.glob("*.dcm"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Acquisition plane: one instance per acquired slice, whatever order the NIfTI stores its axes in.
+
+def _rotated(affine: np.ndarray, deg_ap: float, deg_si: float) -> np.ndarray:
+    """The same grid turned about the AP then the SI axis through its origin (a double-oblique header)."""
+    a, b = np.deg2rad(deg_ap), np.deg2rad(deg_si)
+    ry = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    out = affine.copy()
+    out[:3, :3] = rz @ ry @ affine[:3, :3]
+    return out
+
+
+# name: (acquisition, index, world axis the slices are stacked along (0 RL, 2 SI; None: the
+# NIfTI's third, isotropic data), transform). Seed 11, 120 k voxels: small cases whose storage
+# orders put the slice axis first (RAS, LPS), last (IPL, PLS) or, once transposed, first for an axial.
+PLANE_CASES = {
+    "sagittal-RAS": ("sagittal", 3, 0, None),
+    "sagittal-LPS": ("sagittal", 1, 0, None),
+    "sagittal-IPL": ("sagittal", 0, 0, None),
+    "sagittal-double-oblique": ("sagittal", 3, 0, "rotate"),
+    "wholespine-RAS": ("wholespine", 3, 0, None),
+    "axial-PLS": ("axial", 0, 2, None),  # the axial phantoms are tilted with the cord (oblique)
+    "axial-stored-SRA": ("axial", 2, 2, "transpose"),
+    "iso3d-RAS": ("iso3d", 3, None, None),
+}
+
+
+def plane_case(name: str) -> tuple[Volume, Volume, int]:
+    """(T2w, label map with every class, the voxel axis the acquisition stacked its slices along)."""
+    from imsct.phantoms import generate_case
+
+    acquisition, index, world, how = PLANE_CASES[name]
+    case = generate_case(11, index, max_voxels=120_000, acquisition=acquisition)
+    data = np.asarray(case.t2.dataobj, dtype=np.float32)
+    lm = np.zeros(data.shape, np.uint8)
+    for cls, idx in LABELS.items():
+        lm[np.asarray(case.labels[SEG_SUFFIXES[cls]].dataobj) > 0] = idx
+        if not (lm == idx).any():
+            lm[idx:idx + 2, 1:3, 1:3] = idx
+    aff = case.t2.affine.copy()
+    if how == "rotate":
+        aff = _rotated(aff, 20.0, 10.0)
+    elif how == "transpose":
+        data, lm, aff = data.transpose(2, 0, 1), lm.transpose(2, 0, 1), aff[:, [2, 0, 1, 3]]
+    if world is None:
+        axis = 2
+    else:  # the voxel axis closest to that world axis
+        axis = int(np.argmax(np.abs(aff[world, :3]) / np.linalg.norm(aff[:3, :3], axis=0)))
+    return Volume(data, aff, f"{name}.nii.gz"), Volume(lm, aff, f"{name}_labels.nii.gz"), axis
+
+
+def oblique_stored_slice_axis_first() -> Volume:
+    """The oblique volume (pixels 0.7 x 0.45 mm, slices 3.3 mm) with its slice axis stored first."""
+    vol = oblique_volume()
+    return Volume(np.ascontiguousarray(vol.data.transpose(2, 0, 1)), vol.affine[:, [2, 0, 1, 3]], "oblique-first.nii.gz")
+
+
+def _headers(folder):
+    return sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in folder.iterdir()), key=lambda d: int(d.InstanceNumber))
+
+
+def check_acquisition_plane(vol: Volume, axis: int, folder) -> list:
+    """One instance per acquired slice along voxel ``axis`` of ``vol``, with that axis's spacing as
+    SliceThickness and SpacingBetweenSlices, the slice normal along it, PixelSpacing row spacing
+    first, positions stepping along the normal; returns the headers by InstanceNumber."""
+    hdrs = _headers(folder)
+    lps = dicom.LPS @ vol.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    assert len(hdrs) == vol.shape[axis]
+    assert {d.SeriesInstanceUID for d in hdrs} == {hdrs[0].SeriesInstanceUID}
+    for d in hdrs:
+        assert float(d.SliceThickness) == pytest.approx(spacing[axis], abs=1e-6)
+        assert float(d.SpacingBetweenSlices) == pytest.approx(spacing[axis], abs=1e-6)
+    iop = np.array(hdrs[0].ImageOrientationPatient, float)
+    assert all(np.allclose(np.array(d.ImageOrientationPatient, float), iop) for d in hdrs)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    assert abs(normal @ lps[:3, axis] / spacing[axis]) == pytest.approx(1.0, abs=1e-6)
+    # the in-plane voxel axes: along a row (columns) and down a column (rows)
+    along_row = int(np.argmax([abs(row_dir @ lps[:3, a]) / spacing[a] for a in range(3)]))
+    down_col = int(np.argmax([abs(col_dir @ lps[:3, a]) / spacing[a] for a in range(3)]))
+    assert {along_row, down_col, axis} == {0, 1, 2}
+    assert (hdrs[0].Columns, hdrs[0].Rows) == (vol.shape[along_row], vol.shape[down_col])
+    np.testing.assert_allclose([float(v) for v in hdrs[0].PixelSpacing], [spacing[down_col], spacing[along_row]], atol=1e-6)
+    pos = np.array([np.array(d.ImagePositionPatient, float) for d in hdrs])
+    np.testing.assert_allclose(np.diff(pos, axis=0), np.tile(normal * spacing[axis], (len(hdrs) - 1, 1)), atol=1e-4)
+    # the first instance's corner is a corner of the NIfTI grid
+    corners = [lps[:3, :3] @ (np.array(c) * (np.array(vol.shape) - 1)) + lps[:3, 3] for c in np.ndindex(2, 2, 2)]
+    assert min(np.linalg.norm(pos[0] - c) for c in corners) < 1e-4
+    return hdrs
+
+
+@pytest.mark.parametrize("name", list(PLANE_CASES))
+def test_series_in_acquisition_plane(tmp_path, name):
+    vol, _, axis = plane_case(name)
+    dicom.volume_to_series(vol, tmp_path / "s", patient_id="p", series_description="T2w", series_number=1)
+    hdrs = check_acquisition_plane(vol, axis, tmp_path / "s")
+    tol = float(hdrs[0].RescaleSlope) / 2 + 1e-3
+    # the project's reader, onto the NIfTI's own voxel order: same shape, same affine, same voxels
+    back = dicom.read_series(tmp_path / "s", like=vol)
+    assert back.shape == vol.shape
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-3)
+    assert np.abs(back.data.astype(np.float64) - vol.data).max() <= tol
+    # GDCM (SimpleITK, what MONAI Label reads DICOM with) sees the same image
+    assert_same_image(sitk_read(tmp_path / "s"), vol, tol=tol + 1e-2)
+    out = dicom.series_to_nifti(tmp_path / "s", tmp_path / "back.nii.gz", like=vol)
+    got = load_volume(out)
+    assert got.shape == vol.shape and np.allclose(got.affine, vol.affine, atol=1e-3)
+
+
+def test_in_plane_spacing_row_first_when_slice_axis_stored_first(tmp_path):
+    vol = oblique_stored_slice_axis_first()
+    dicom.volume_to_series(vol, tmp_path / "s", patient_id="p", series_description="x", series_number=1)
+    hdrs = check_acquisition_plane(vol, 0, tmp_path / "s")
+    assert float(hdrs[0].SliceThickness) == pytest.approx(3.3)
+    back = dicom.read_series(tmp_path / "s", like=vol)
+    assert back.shape == vol.shape and np.allclose(back.affine, vol.affine, atol=1e-3)
+
+
+def test_slice_axis_rule():
+    def aff(*spacing):
+        return np.diag([*spacing, 1.0])
+
+    assert dicom.slice_axis(aff(4.0, 0.7, 0.7)) == 0
+    assert dicom.slice_axis(aff(0.7, 3.0, 0.7)) == 1
+    assert dicom.slice_axis(aff(0.7, 0.7, 3.0)) == 2
+    assert dicom.slice_axis(aff(1.0, 1.0, 1.0)) == 2  # isotropic: the stored third axis
+    assert dicom.slice_axis(aff(1.005, 1.0, 1.0)) == 2  # within 1 %: isotropic
+    assert dicom.slice_axis(aff(1.02, 1.0, 1.0)) == 0
+    assert dicom.slice_axis(aff(3.0, 3.0, 1.0)) == 1  # two tied, neither third: the later
+
+
+def test_read_series_like_a_foreign_grid_is_a_clear_error(tmp_path):
+    vol, _, _ = plane_case("sagittal-RAS")
+    dicom.volume_to_series(vol, tmp_path / "s", patient_id="p", series_description="x", series_number=1)
+    moved = vol.affine.copy()
+    moved[:3, 3] += 2.0
+    with pytest.raises(InputError, match=r"DICOM series .*/s: grid .* is not a reordering .*translation"):
+        dicom.read_series(tmp_path / "s", like=(vol.shape, moved))
+
+
+@pytest.mark.parametrize("name", ["sagittal-RAS", "axial-stored-SRA", "sagittal-double-oblique"])
+def test_seg_frames_lie_on_and_reference_the_source_slices(tmp_path, name):
+    """Every SEG frame lies on one source instance (same position, orientation, pixel grid),
+    references it, and holds that slice of the label map: what OHIF needs to overlay it."""
+    vol, lm, axis = plane_case(name)
+    dicom.volume_to_series(vol, tmp_path / "s", patient_id="p", series_description="T2w", series_number=1)
+    out = dicom.write_seg(lm, tmp_path / "s", tmp_path / "seg.dcm")  # label map on the NIfTI's voxel order
+    src = _headers(tmp_path / "s")
+    seg = pydicom.dcmread(out)
+    assert (seg.Rows, seg.Columns) == (src[0].Rows, src[0].Columns)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    np.testing.assert_allclose(np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float),
+                               np.array(src[0].ImageOrientationPatient, float), atol=1e-6)
+    np.testing.assert_allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],
+                               [float(v) for v in src[0].PixelSpacing], atol=1e-6)
+    assert float(shared.PixelMeasuresSequence[0].SliceThickness) == pytest.approx(float(src[0].SliceThickness), abs=1e-6)
+    by_uid = {d.SOPInstanceUID: k for k, d in enumerate(src)}
+    referenced = {str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(by_uid)
+    # the label map as the source series stacks it (slice k = instance k + 1)
+    on_src = dicom.reorient_like(lm, dicom.read_series(tmp_path / "s")).data
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    seen: dict[int, set] = {}
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        ref_uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        k = by_uid[ref_uid]
+        np.testing.assert_allclose(np.array(item.PlanePositionSequence[0].ImagePositionPatient, float),
+                                   np.array(src[k].ImagePositionPatient, float), atol=1e-3)
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        np.testing.assert_array_equal(frame, (on_src[:, :, k] == number).T)
+        seen.setdefault(number, set()).add(k)
+    assert seen == {i: set(range(len(src))) for i in LABELS.values()}
+    back = dicom.reorient_like(dicom.read_seg(out), lm)
+    assert back.shape == lm.shape and np.array_equal(back.data, lm.data)
+
+
+def test_command_writes_sagittal_series_stored_ras(tmp_path):
+    """``python -m imsct.dicom`` on a sagittal T2w stored RAS (slices along the first axis): one
+    instance per sagittal slice, not one per voxel row along SI."""
+    import subprocess
+    import sys
+
+    vol, _, axis = plane_case("sagittal-RAS")
+    anat = tmp_path / "bids" / "sub-001" / "anat"
+    anat.mkdir(parents=True)
+    for c in ("T2w", "T1w"):
+        nib.save(nib.Nifti1Image(vol.data, vol.affine), anat / f"sub-001_{c}.nii.gz")
+    res = subprocess.run([sys.executable, "-m", "imsct.dicom", str(tmp_path / "bids"), "--out", str(tmp_path / "dcm")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for series in ("T2w", "T1w_Gd"):
+        hdrs = check_acquisition_plane(vol, axis, tmp_path / "dcm" / "sub-001" / series)
+        assert len(hdrs) == vol.shape[0] < vol.shape[2]
+        normal = np.cross(np.array(hdrs[0].ImageOrientationPatient[:3], float), np.array(hdrs[0].ImageOrientationPatient[3:], float))
+        assert abs(normal[0]) > 0.99  # sagittal: the normal runs left-right

@@ -85,23 +85,50 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
         self.t2_description = t2_description
         self.t1_description = t1_description
         search = {"Modality": "MR", **(extra_filter or {})}
-        self._listed: tuple[float, List[str]] = (0.0, [])
+        self._listed: tuple[float, List[dict]] = (0.0, [])  # (when, QIDO records of the T2w series)
         self.client = client  # DICOMWebDatastore keeps it only as a private attribute
         super().__init__(client=client, search_filter=search, cache_path=cache_path, fetch_by_frame=False, convert_to_nifti=True)
         # the app's own cache of T1w series (monailabel's cache folder is a private attribute)
         base = pathlib.Path(cache_path) if cache_path else pathlib.Path.home() / ".cache" / "imsct-label"
         self.cache_root = base / "dicomweb-t1" / hashlib.sha256(str(client.base_url).encode()).hexdigest()[:16]
 
-    def list_images(self) -> List[str]:  # type: ignore[override]
+    def _t2_series(self) -> List[dict]:
+        """QIDO-RS records of the T2w series (asked again after ``LIST_CACHE_SECONDS``)."""
         stamp, cached = self._listed
         if time.monotonic() - stamp < LIST_CACHE_SECONDS:
-            return list(cached)
+            return cached
         want = _norm(self.t2_description)
-        series = [str(_value(s, "0020000E")) for s in _series_query(self, search_filters=self._search_filter)
-                  if _norm(_value(s, "0008103E")) == want]
+        series = [s for s in _series_query(self, search_filters=self._search_filter) if _norm(_value(s, "0008103E")) == want]
         self._listed = (time.monotonic(), series)
         logger.info(f"DICOMweb: {len(series)} {self.t2_description!r} MR series")
-        return list(series)
+        return series
+
+    def list_images(self) -> List[str]:  # type: ignore[override]
+        return [str(_value(s, "0020000E")) for s in self._t2_series()]
+
+    def json(self):
+        """The datastore as ``GET /datastore?output=all`` shows it: every T2w series on the server.
+        monailabel's DICOMweb datastore answers with its local cache only (LocalDatastore.json), so a
+        fresh app listed 0 objects while ``/info`` (``status()``, from :meth:`list_images`) counted
+        every series. Series already downloaded keep their cached entry; a series with a SEG on the
+        server and no cached label shows a ``final`` label with the SEG's modality only."""
+        out = super().json()
+        cached = out.get("objects", {})
+        labelled = set(self.get_labeled_images())
+        objects = {}
+        for s in self._t2_series():
+            uid = str(_value(s, "0020000E"))
+            if uid in cached:
+                obj = cached[uid]
+            else:
+                info = {"SeriesInstanceUID": uid, "StudyInstanceUID": str(_value(s, "0020000D")),
+                        "PatientID": str(_value(s, "00100020")), "SeriesDescription": str(_value(s, "0008103E")),
+                        "Modality": "MR"}
+                obj = {"image": {"ext": "", "info": info}, "labels": {}}
+            if uid in labelled and DefaultLabelTag.FINAL.value not in obj["labels"]:
+                obj = {**obj, "labels": {**obj["labels"], DefaultLabelTag.FINAL.value: {"ext": "", "info": {"Modality": "SEG"}}}}
+            objects[uid] = obj
+        return {**out, "objects": objects}
 
     def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:  # type: ignore[override]
         """T2w series with a SEG in the server, asked afresh each time: monailabel caches this for
@@ -200,7 +227,7 @@ def make_datastore(studies: str, conf: Optional[Dict[str, str]] = None) -> Imsct
 
 
 def _series_query(datastore, **kwargs) -> List[dict]:
-    return datastore.client.search_for_series(fields=["SeriesDescription", "SeriesNumber"], **kwargs)
+    return datastore.client.search_for_series(fields=["SeriesDescription", "SeriesNumber", "PatientID"], **kwargs)
 
 
 def study_of(datastore, series_uid: str) -> str:
