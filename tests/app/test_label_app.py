@@ -138,6 +138,8 @@ def test_info_lists_models_labels_colours_and_tasks(server):
         assert m["label_colors"] == {k: list(v) for k, v in COLOURS.items()}
         assert set(m["weights"]) == {"localiser", "tumour"}
     assert info["models"]["localiser"]["labels"] == {"cord": 1}
+    for name, m in info["models"].items():  # annotators read there what the weights were trained on
+        assert "synthetic phantoms only" in m["description"], (name, m["description"])
     assert info["labels"] == LABELS
     assert set(info["trainers"]) == {"tumour", "localiser"}
     assert {"random", "first", "uncertainty"} <= set(info["strategies"])

@@ -82,6 +82,11 @@ def class_volumes_cm3(labelmap: np.ndarray, affine: np.ndarray, labels: dict[str
     return {name: round(float((labelmap == v).sum()) * vox / 1000.0, 4) for name, v in labels.items()}
 
 
+# what annotators and admins read in /info: the shipped weights never saw a patient scan
+WEIGHTS_NOTE = ("; weights shipped with IMSCT are trained on synthetic phantoms only (no patient data) until this "
+                "server publishes a version retrained on its own final labels (see the model's version in /info)")
+
+
 class _IMSCTInfer(InferTask):
     """Shared plumbing: weights from a :class:`ModelStore`, T1w by the datastore convention."""
 
@@ -89,7 +94,7 @@ class _IMSCTInfer(InferTask):
     colours: dict[str, tuple[int, int, int]] = COLOURS
 
     def __init__(self, store: ModelStore, datastore: Callable[[], Any], description: str, type=InferType.SEGMENTATION):
-        super().__init__(type=type, labels=dict(self.labels_map), dimension=3, description=description)
+        super().__init__(type=type, labels=dict(self.labels_map), dimension=3, description=description + WEIGHTS_NOTE)
         self.store = store
         self.datastore = datastore
 
