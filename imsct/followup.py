@@ -368,15 +368,17 @@ def table(result: dict) -> str:
     reg = result["registration"]
     if reg.get("registered"):
         lines.append(f"registration: rigid, {reg.get('metric')} {reg.get('metric_value', float('nan')):.3f}, {reg.get('seconds', 0):.1f} s")
-    head = f"{'class':<12}{'V1 mm3':>11}{'V2 mm3':>11}{'change %':>10}{'mm3/yr':>10}{'%/yr lin':>10}{'%/yr comp':>10}{'Dice':>7}{'new':>5}{'gone':>5}"
+    head = (f"{'class':<12}{'V1 mm3':>11}{'V2 mm3':>11}{'change %':>10}{'mm3/yr':>10}{'%/yr lin':>10}{'%/yr comp':>10}{'Dice':>7}"
+            f"{'same':>5}{'new':>5}{'gone':>5}")
     lines.append(head)
     for name, c in result["classes"].items():
         lines.append(
             f"{name:<12}{_fmt(c['volume_visit1_mm3']):>11}{_fmt(c['volume_visit2_mm3']):>11}{_fmt(c['change_percent']):>10}"
             f"{_fmt(c['rate_mm3_per_year']):>10}{_fmt(c['rate_percent_per_year_linear']):>10}"
             f"{_fmt(c['rate_percent_per_year_compound']):>10}{_fmt(c['dice_after_alignment'], 2):>7}"
-            f"{c['new_components']:>5}{c['vanished_components']:>5}"
+            f"{c['matched_lesions']:>5}{c['new_components']:>5}{c['vanished_components']:>5}"
         )
+    lines.append("same: lesions found at both visits (matched by overlap, each counted on its own grid); new / gone: at one visit only")
     for name, c in result["classes"].items():
         if c.get("growth_note"):
             lines.append(f"{name}: {c['growth_note']}")
