@@ -1,17 +1,31 @@
-"""Quality-control report: one offline HTML page over many subjects.
+"""Quality-control report: one offline HTML page over many subjects, for signing segmentations off.
 
 For each subject the page shows sagittal mosaics of the T2w and the T1w (resampled onto the T2w
 grid, so the overlays line up) with the label map drawn in the colours of :data:`imsct.labels.COLOURS`,
-the lesion morphometrics, and pass / fail buttons plus a comment box. The reviewer's marks live in
+axial panels through the centre of each lesion (the :data:`MAX_AXIAL` largest whole-tumour
+components), the lesion morphometrics, the provenance of the masks, and the three verdicts of the
+Spinal Cord Toolbox's QC (pass / fail / artifact) plus a comment box. The reviewer's marks live in
 the browser's ``localStorage`` under the report's id and can be exported as JSON
-(``{subject: {"qc": "pass" | "fail" | null, "comment": "..."}}``) or imported again.
+(``{subject: {"qc": "pass" | "fail" | "artifact" | null, "comment": "..."}}``) or imported again.
+After a verdict the page stays on the subject unless *advance after marking* is ticked (``n``;
+off by default, remembered by the browser); the page says which it does.
+
+Slices: every sagittal slice through the lesion plus one on each side; when there are more than
+:data:`MAX_TILES`, an even spread that always includes the slice with the most tumour, the most
+edema and the most cavity. Tiles carry their slice number (index in the T2w file), the first one
+a scale bar and orientation letters, drawn in Pillow's TrueType font at :data:`FONT_PX` pixels on
+images the page shows unscaled at 1400 px wide.
+
+Provenance: the masks' BIDS sidecar (``<label file name>.json`` beside it: imsct version, models
+and their SHA-256, command, date) when there is one; else what ``imsct qc`` was told (``--models``).
+The report's own imsct version, command line and date are always shown.
 
 Labels: a label map (0 background, 1 tumour, 2 edema, 3 cavity, ``*_seg-imsct``) or the three
 SCT-named class masks (``*_seg-tumor``, ``*_seg-edema``, ``*_seg-cavity``), on the T2w grid.
 
 Layout of a report folder::
 
-    index.html   report.js   report.css   report.json   img/<subject>_{t2,t1}[_plain].png
+    index.html   report.js   report.css   report.json   img/<subject>_{t2,t1}[_ax][_plain].png
 
 Regenerating a report into the same folder keeps its id (read from ``report.json``), so the marks a
 reviewer already set stay attached to their subjects; a mark set on a label map that has changed
@@ -19,10 +33,11 @@ since (its SHA-256 differs) is shown as *stale* and exported with ``"stale": tru
 is not empty and holds no imsct QC report is refused unless ``force`` is given, and even then only
 the report's own files are written.
 
-Display: sagittal slices in radiological convention (superior up, anterior left), pixels square in
-millimetres (the voxel sizes set the aspect), intensity window from percentiles of the displayed
-region. Axes are brought to that order by flips and transposes of the T2w voxel grid (no
-interpolation); an oblique acquisition is shown along its nearest voxel axes, as viewers do.
+Display: sagittal slices in radiological convention (superior up, anterior left), axial panels
+anterior up with the patient's right on the left, pixels square in millimetres (the voxel sizes set
+the aspect), intensity window from percentiles of the displayed region. Axes are brought to that
+order by flips and transposes of the T2w voxel grid (no interpolation); an oblique acquisition is
+shown along its nearest voxel axes, as viewers do.
 """
 
 from __future__ import annotations
@@ -46,10 +61,17 @@ from .labels import COLOURS, LABELS, SEG_SUFFIXES
 
 GENERATOR = "imsct qc"
 ALPHA = 0.4  # opacity of the label fill; the outline is drawn opaque
-TILE_HEIGHT = 640  # pixels of the superior-inferior extent of one tile (at most)
+TILE_HEIGHT = 420  # pixels of the superior-inferior extent of one tile (at most)
 TILE_WIDTH = 240  # pixels of the anterior-posterior extent of one tile (at most)
+MOSAIC_WIDTH = 860  # pixels of a whole mosaic (at most): the page shows it unscaled beside the marks at 1400 px
+AXIAL_SIZE = 220  # pixels of an axial panel's larger side (at most)
+MAX_AXIAL = 4  # axial panels: through the centres of the largest lesions (whole-tumour components)
 MIN_MM_PER_PIXEL = 0.25  # no finer: small fields are not blown up past this
 MAX_TILES = 8
+GAP = 4  # pixels between tiles
+FONT_PX = 16  # captions: Pillow's bundled TrueType font at this size
+CAPTION_RGB = (255, 255, 0)
+SCALE_BAR_MM = (5.0, 10.0, 20.0, 50.0)
 MARGIN_SI_MM = 25.0
 MARGIN_AP_MM = 20.0
 MIN_CROP_MM = (80.0, 50.0)  # smallest SI x AP field shown around a lesion
@@ -74,11 +96,13 @@ class Subject:
 
 @dataclass
 class Mosaic:
-    """Rendered sagittal mosaic of one contrast: RGB arrays with and without the overlay."""
+    """Rendered mosaic (sagittal slices, or axial panels) of one contrast: RGB arrays with and
+    without the overlay."""
 
     overlay: np.ndarray
     plain: np.ndarray
-    tiles: list[dict] = field(default_factory=list)  # per tile: slice index, x0, width, height
+    tiles: list[dict] = field(default_factory=list)  # per tile: slice index (in the T2w file), x0, width, height, text
+    mm_per_pixel: float = 1.0
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -99,16 +123,42 @@ def to_display(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nda
     return out, sizes, ornt
 
 
-def _source_index(ornt: np.ndarray, shape_in: tuple[int, ...], k: int) -> int:
-    """Index along the T2w file's own axis of display slice ``k``."""
-    src = int(np.nonzero(ornt[:, 0] == 0)[0][0])
+def _source_index(ornt: np.ndarray, shape_in: tuple[int, ...], k: int, axis: int = 0) -> int:
+    """Index along the T2w file's own axis of index ``k`` along display axis ``axis``."""
+    src = int(np.nonzero(ornt[:, 0] == axis)[0][0])
     return shape_in[src] - 1 - k if ornt[src, 1] < 0 else k
+
+
+def most_lesion_slices(lab: np.ndarray) -> dict[str, int]:
+    """Display slice (axis 0) holding the most voxels of each class present: the slice a reviewer
+    must see. Ties go to the first such slice."""
+    out = {}
+    for name, value in LABELS.items():
+        per_slice = (lab == value).sum(axis=(1, 2))
+        if per_slice.any():
+            out[name] = int(np.argmax(per_slice))
+    return out
+
+
+def _crop(idx: np.ndarray, size: int, mm: float, margin: float, min_mm: float) -> slice:
+    """Index range around ``idx`` (the lesion's indices along one axis) with ``margin`` mm on
+    each side and at least ``min_mm`` in all, kept inside ``[0, size)``."""
+    half = max((idx.max() - idx.min() + 1) * mm / 2 + margin, min_mm / 2) / mm
+    centre = (idx.min() + idx.max()) / 2
+    a, b = int(np.floor(centre - half)), int(np.ceil(centre + half)) + 1
+    if a < 0:
+        a, b = 0, min(size, b - a)
+    if b > size:
+        a, b = max(0, a - (b - size)), size
+    return slice(a, b)
 
 
 def choose_view(lab: np.ndarray, sizes: np.ndarray) -> tuple[list[int], tuple[slice, slice]]:
     """Slices (display axis 0) and the row/column crop shown: every slice through the lesion plus
-    one on each side (at most MAX_TILES, evenly spread), cropped to the lesion with a margin; the
-    central slices and the whole field when the label map is empty."""
+    one on each side; over MAX_TILES of them, MAX_TILES spread evenly with the slice of most
+    tumour, most edema and most cavity always among them (each replaces the nearest evenly spread
+    one). Cropped to the lesion with a margin; the central slices and the whole field when the
+    label map is empty."""
     n, rows, cols = lab.shape
     fg = lab > 0
     if not fg.any():
@@ -120,22 +170,18 @@ def choose_view(lab: np.ndarray, sizes: np.ndarray) -> tuple[list[int], tuple[sl
     lo, hi = max(0, int(ks.min()) - 1), min(n - 1, int(ks.max()) + 1)
     picks = list(range(lo, hi + 1))
     if len(picks) > MAX_TILES:
-        picks = sorted({int(round(v)) for v in np.linspace(lo, hi, MAX_TILES)})
-    crop = []
-    for axis, margin, min_mm in ((1, MARGIN_SI_MM, MIN_CROP_MM[0]), (2, MARGIN_AP_MM, MIN_CROP_MM[1])):
-        other = (0, 2) if axis == 1 else (0, 1)
-        idx = np.nonzero(fg.any(axis=other))[0]
-        size = lab.shape[axis]
-        mm = sizes[axis]
-        half = max((idx.max() - idx.min() + 1) * mm / 2 + margin, min_mm / 2) / mm
-        centre = (idx.min() + idx.max()) / 2
-        a, b = int(np.floor(centre - half)), int(np.ceil(centre + half)) + 1
-        if a < 0:
-            a, b = 0, min(size, b - a)
-        if b > size:
-            a, b = max(0, a - (b - size)), size
-        crop.append(slice(a, b))
-    return picks, (crop[0], crop[1])
+        must = sorted(set(most_lesion_slices(lab).values()))
+        spread = sorted({int(round(v)) for v in np.linspace(lo, hi, MAX_TILES)})
+        for k in must:
+            if k in spread:
+                continue
+            free = [s for s in spread if s not in must]
+            spread.remove(min(free, key=lambda s: (abs(s - k), s)))
+            spread.append(k)
+        picks = sorted(spread)
+    crop = (_crop(np.nonzero(fg.any(axis=(0, 2)))[0], rows, sizes[1], MARGIN_SI_MM, MIN_CROP_MM[0]),
+            _crop(np.nonzero(fg.any(axis=(0, 1)))[0], cols, sizes[2], MARGIN_AP_MM, MIN_CROP_MM[1]))
+    return picks, crop
 
 
 def window(values: np.ndarray) -> tuple[float, float]:
@@ -159,13 +205,88 @@ def _outline(lab: np.ndarray) -> np.ndarray:
     return edge & (lab > 0)
 
 
+def _tile(grey: np.ndarray, lab: np.ndarray, lo: float, hi: float, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """One panel (rows x columns of the display) scaled to ``width`` x ``height``: with the label
+    fill and outline, and without."""
+    from PIL import Image
+
+    g = (np.clip((grey - lo) / (hi - lo), 0, 1) * 255).astype(np.float32)
+    g = np.asarray(Image.fromarray(g).resize((width, height), Image.Resampling.BILINEAR))
+    tl = np.asarray(Image.fromarray(np.ascontiguousarray(lab)).resize((width, height), Image.Resampling.NEAREST))
+    rgb = np.repeat(np.clip(g, 0, 255)[..., None], 3, axis=2)
+    plain = rgb.copy()
+    edge = _outline(tl)
+    for name, value in LABELS.items():
+        colour = np.asarray(COLOURS[name], np.float32)
+        m = tl == value
+        rgb[m] = (1 - ALPHA) * rgb[m] + ALPHA * colour
+        rgb[m & edge] = colour
+    return np.rint(rgb).astype(np.uint8), np.rint(plain).astype(np.uint8)
+
+
+def _font(px: int = FONT_PX):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=px)  # Pillow's bundled TrueType font (FreeType)
+    except (TypeError, ValueError, OSError, ImportError):  # Pillow built without FreeType: its bitmap font
+        return ImageFont.load_default()
+
+
+def scale_bar_mm(mm_per_pixel: float, tile_width: int) -> float:
+    """The longest round length (mm) whose bar spans at most 40 % of a tile."""
+    fits = [mm for mm in SCALE_BAR_MM if mm / mm_per_pixel <= 0.4 * tile_width]
+    return fits[-1] if fits else SCALE_BAR_MM[0]
+
+
+def _annotate(arrays: list[np.ndarray], tiles: list[dict], letters: dict[str, str], mm_per_pixel: float) -> list[np.ndarray]:
+    """Captions drawn alike on the overlay and the plain image (so they never read as labels):
+    each tile's slice number bottom left, a scale bar bottom right of the last tile, orientation
+    letters on the first tile's edges (``{"top", "bottom", "left", "right"}``). Yellow on a black
+    outline, :data:`FONT_PX` pixels: readable at the size the page shows the image."""
+    from PIL import Image, ImageDraw
+
+    font = _font()
+    text = {"fill": CAPTION_RGB, "font": font, "stroke_width": 2, "stroke_fill": (0, 0, 0)}
+    out = []
+    for arr in arrays:
+        im = Image.fromarray(arr)
+        draw = ImageDraw.Draw(im)
+        for tile in tiles:
+            x0, h = tile["x0"], tile["height"]
+            draw.text((x0 + 4, h - 4), tile["text"], anchor="ld", **text)
+        last = tiles[-1]  # the scale bar on the last tile, clear of the first one's letters
+        x0, w, h = last["x0"], last["width"], last["height"]
+        mm = scale_bar_mm(mm_per_pixel, w)
+        length = int(round(mm / mm_per_pixel))
+        xb, yb = x0 + w - 6 - length, h - 8
+        draw.rectangle((xb - 1, yb - 3, xb + length + 1, yb + 3), fill=(0, 0, 0))
+        draw.rectangle((xb, yb - 2, xb + length, yb + 2), fill=CAPTION_RGB)
+        draw.text((xb + length, yb - 6), f"{mm:g} mm", anchor="rd", **text)
+        first = tiles[0]
+        x0, w, h = first["x0"], first["width"], first["height"]
+        spots = {"top": ((x0 + w // 2, 3), "mt"), "bottom": ((x0 + w // 2, h - 24), "md"),
+                 "left": ((x0 + 4, h // 2), "lm"), "right": ((x0 + w - 4, h // 2), "rm")}
+        for where, letter in letters.items():
+            xy, anchor = spots[where]
+            draw.text(xy, letter, anchor=anchor, **text)
+        out.append(np.asarray(im))
+    return out
+
+
+def _tile_size(rows_mm: float, cols_mm: float, n: int, max_h: int, max_w: int, total_w: int) -> tuple[float, int, int]:
+    """Millimetres per pixel and tile size: square millimetres, no tile over ``max_h`` x ``max_w``
+    and ``n`` tiles (with gaps) no wider than ``total_w``, never finer than MIN_MM_PER_PIXEL."""
+    per = max(1, (total_w - (n - 1) * GAP) // max(n, 1))
+    mmpp = max(rows_mm / max_h, cols_mm / min(max_w, per), MIN_MM_PER_PIXEL)
+    return mmpp, max(1, int(round(rows_mm / mmpp))), max(1, int(round(cols_mm / mmpp)))
+
+
 def render_mosaic(image: np.ndarray, labelmap: np.ndarray, affine: np.ndarray, view=None) -> Mosaic:
     """Sagittal mosaic of ``image`` with ``labelmap`` drawn on it (both on the grid of ``affine``).
 
     ``view`` (slices, crop) as returned by :func:`choose_view` on the display-ordered label map;
     chosen from the label map when None, so that every contrast of a subject shows the same view."""
-    from PIL import Image, ImageDraw, ImageFont
-
     img, sizes, ornt = to_display(np.asarray(image, np.float32), affine)
     lab, _, _ = to_display(np.asarray(labelmap), affine)
     lab = np.rint(lab).astype(np.uint8)
@@ -173,42 +294,77 @@ def render_mosaic(image: np.ndarray, labelmap: np.ndarray, affine: np.ndarray, v
     region = img[picks][:, rs, cs]
     lo, hi = window(region)
     rows, cols = region.shape[1:]
-    mmpp = max(rows * sizes[1] / TILE_HEIGHT, cols * sizes[2] / TILE_WIDTH, MIN_MM_PER_PIXEL)
-    height = max(1, int(round(rows * sizes[1] / mmpp)))
-    width = max(1, int(round(cols * sizes[2] / mmpp)))
-    gap = 4
-    total_w = len(picks) * width + (len(picks) - 1) * gap
+    mmpp, height, width = _tile_size(rows * sizes[1], cols * sizes[2], len(picks), TILE_HEIGHT, TILE_WIDTH, MOSAIC_WIDTH)
+    total_w = len(picks) * width + (len(picks) - 1) * GAP
     overlay = np.zeros((height, total_w, 3), np.uint8)
     plain = np.zeros_like(overlay)
-    colours = {value: np.asarray(COLOURS[name], np.float32) for name, value in LABELS.items()}
-    font = ImageFont.load_default()
     tiles = []
     for t, k in enumerate(picks):
-        grey = (np.clip((img[k][rs, cs] - lo) / (hi - lo), 0, 1) * 255).astype(np.float32)
-        grey = np.asarray(Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR))
-        tl = np.asarray(Image.fromarray(lab[k][rs, cs]).resize((width, height), Image.Resampling.NEAREST))
-        rgb = np.repeat(np.clip(grey, 0, 255)[..., None], 3, axis=2)
-        p = rgb.copy()
-        edge = _outline(tl)
-        for value, colour in colours.items():
-            m = tl == value
-            rgb[m] = (1 - ALPHA) * rgb[m] + ALPHA * colour
-            rgb[m & edge] = colour
-        x0 = t * (width + gap)
-        overlay[:, x0 : x0 + width] = np.rint(rgb).astype(np.uint8)
-        plain[:, x0 : x0 + width] = np.rint(p).astype(np.uint8)
-        tiles.append({"slice": _source_index(ornt, image.shape, k), "x0": x0, "width": width, "height": height})
-    # captions: the slice index in the file, orientation letters on the first tile
+        x0 = t * (width + GAP)
+        overlay[:, x0 : x0 + width], plain[:, x0 : x0 + width] = _tile(img[k][rs, cs], lab[k][rs, cs], lo, hi, width, height)
+        index = _source_index(ornt, image.shape, k)
+        tiles.append({"slice": index, "x0": x0, "width": width, "height": height, "text": f"#{index}"})
+    letters = {"top": "S", "bottom": "I", "left": "A", "right": "P"}
+    overlay, plain = _annotate([overlay, plain], tiles, letters, mmpp)
+    return Mosaic(overlay=overlay, plain=plain, tiles=tiles, mm_per_pixel=mmpp)
+
+
+def lesion_centres(lab: np.ndarray, sizes: np.ndarray, limit: int = MAX_AXIAL) -> list[dict]:
+    """The ``limit`` largest connected whole-tumour components of a display-ordered label map,
+    superior first: display row (axis 1) through each one's centroid, its volume and extents."""
+    from scipy import ndimage
+
+    from .morphometrics import CONNECTIVITY
+
+    comps, n = ndimage.label(lab > 0, structure=CONNECTIVITY)
+    if n == 0:
+        return []
+    counts = np.bincount(comps.ravel())[1:]
+    keep = np.argsort(-counts, kind="stable")[:limit] + 1
     out = []
-    for arr in (overlay, plain):
-        im = Image.fromarray(arr)
-        draw = ImageDraw.Draw(im)
-        for tile in tiles:
-            draw.text((tile["x0"] + 3, height - 14), f"#{tile['slice']}", fill=(255, 255, 0), font=font)
-        draw.text((width // 2 - 3, 2), "S", fill=(255, 255, 0), font=font)
-        draw.text((3, height // 2 - 6), "A", fill=(255, 255, 0), font=font)
-        out.append(np.asarray(im))
-    return Mosaic(overlay=out[0], plain=out[1], tiles=tiles)
+    for c in keep:
+        idx = np.argwhere(comps == c)
+        out.append({"row": int(round(idx[:, 1].mean())), "slices": idx[:, 0], "columns": idx[:, 2],
+                    "volume_mm3": float(counts[c - 1] * np.prod(sizes))})
+    return sorted(out, key=lambda c: c["row"])
+
+
+def render_axial(image: np.ndarray, labelmap: np.ndarray, affine: np.ndarray, centres: list[dict]) -> Mosaic | None:
+    """Axial panels, one through the centre of each lesion of ``centres`` (:func:`lesion_centres`):
+    radiological convention (anterior up, the patient's right on the left), square millimetres,
+    cropped around the lesion. Tiles are captioned with the index along the T2w file's axis nearest
+    to superior-inferior. None without lesions."""
+    if not centres:
+        return None
+    img, sizes, ornt = to_display(np.asarray(image, np.float32), affine)
+    lab, _, _ = to_display(np.asarray(labelmap), affine)
+    lab = np.rint(lab).astype(np.uint8)
+    n_r, _, n_p = img.shape
+    # each panel: rows = display axis 2 (anterior first), columns = display axis 0 reversed (right on the left)
+    panels = []
+    for c in centres:
+        rr = _crop(c["slices"], n_r, sizes[0], MARGIN_AP_MM, MIN_CROP_MM[1])
+        pp = _crop(c["columns"], n_p, sizes[2], MARGIN_AP_MM, MIN_CROP_MM[1])
+        panels.append((img[rr, c["row"], pp][::-1].T, lab[rr, c["row"], pp][::-1].T))
+    rows_mm = max(p[0].shape[0] for p in panels) * sizes[2]
+    cols_mm = max(p[0].shape[1] for p in panels) * sizes[0]
+    mmpp, _, _ = _tile_size(rows_mm, cols_mm, len(panels), AXIAL_SIZE, AXIAL_SIZE, MOSAIC_WIDTH)
+    lo, hi = window(np.concatenate([p[0].ravel() for p in panels]))
+    dims = [(max(1, int(round(p[0].shape[1] * sizes[0] / mmpp))), max(1, int(round(p[0].shape[0] * sizes[2] / mmpp)))) for p in panels]
+    height = max(h for _, h in dims)
+    total_w = sum(w for w, _ in dims) + (len(dims) - 1) * GAP
+    overlay = np.zeros((height, total_w, 3), np.uint8)
+    plain = np.zeros_like(overlay)
+    tiles, x0 = [], 0
+    for i, ((grey, tl), (w, h), c) in enumerate(zip(panels, dims, centres), 1):
+        overlay[:h, x0 : x0 + w], plain[:h, x0 : x0 + w] = _tile(grey, tl, lo, hi, w, h)
+        index = _source_index(ornt, image.shape, c["row"], axis=1)
+        tiles.append({"slice": index, "lesion": i, "x0": x0, "width": w, "height": height, "text": f"{i}: #{index}",
+                      "volume_mm3": c["volume_mm3"]})
+        x0 += w + GAP
+    letters = {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    overlay, plain = _annotate([overlay, plain], tiles, letters, mmpp)
+    return Mosaic(overlay=overlay, plain=plain, tiles=tiles, mm_per_pixel=mmpp)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -237,41 +393,164 @@ def load_labelmap(seg, t2: Volume) -> np.ndarray:
 
 
 def render_subject(subject: Subject, img_dir: Path, key: str) -> dict:
-    """Write the subject's PNG files; returns what the page needs (image names, morphometrics, sizes)."""
+    """Write the subject's PNG files; returns what the page needs (image names, slices shown,
+    morphometrics, sizes, provenance)."""
     from .geometry import resample_image
 
     t2 = load_volume(subject.t2, "T2w")
     lab = load_labelmap(subject.seg, t2)
-    dlab, sizes, _ = to_display(lab, t2.affine)
+    dlab, sizes, ornt = to_display(lab, t2.affine)
     view = choose_view(dlab, sizes)
+    most = {name: _source_index(ornt, t2.shape, k) for name, k in most_lesion_slices(dlab).items()}
+    centres = lesion_centres(dlab, sizes)
     images = {}
     contrasts = [("t2", "T2w", t2.data)]
     if subject.t1 is not None:
         t1 = load_volume(subject.t1, "T1w")
         contrasts.append(("t1", "T1w", resample_image(t1.data, t1.affine, t2.shape, t2.affine).numpy()))
     for short, title, data in contrasts:
-        mosaic = render_mosaic(data, lab, t2.affine, view)
-        names = {"overlay": f"{key}_{short}.png", "plain": f"{key}_{short}_plain.png"}
-        _save_png(mosaic.overlay, img_dir / names["overlay"])
-        _save_png(mosaic.plain, img_dir / names["plain"])
-        images[short] = {"title": title, **names, "width": int(mosaic.overlay.shape[1]), "height": int(mosaic.overlay.shape[0]),
-                         "slices": [t["slice"] for t in mosaic.tiles]}
+        entry = {"title": title}
+        for view_name, mosaic, suffix in (("sagittal", render_mosaic(data, lab, t2.affine, view), ""),
+                                          ("axial", render_axial(data, lab, t2.affine, centres), "_ax")):
+            if mosaic is None:
+                continue
+            names = {"overlay": f"{key}_{short}{suffix}.png", "plain": f"{key}_{short}{suffix}_plain.png"}
+            _save_png(mosaic.overlay, img_dir / names["overlay"])
+            _save_png(mosaic.plain, img_dir / names["plain"])
+            part = {**names, "width": int(mosaic.overlay.shape[1]), "height": int(mosaic.overlay.shape[0]),
+                    "slices": [t["slice"] for t in mosaic.tiles], "mm_per_pixel": round(float(mosaic.mm_per_pixel), 4)}
+            if view_name == "sagittal":
+                entry.update(part)
+            else:
+                part["volumes_mm3"] = [round(t["volume_mm3"], 1) for t in mosaic.tiles]
+                entry["axial"] = part
+        images[short] = entry
     morpho = subject.morphometrics
     if morpho is None:
         from .morphometrics import measure
 
         morpho = measure(lab, t2.affine, levels=subject.levels)
-    return {"images": images, "morphometrics": morpho, "fingerprint": fingerprint(_seg_files(subject.seg))}
+    return {"images": images, "morphometrics": morpho, "fingerprint": fingerprint(_seg_files(subject.seg)),
+            "most_lesion_slice": most, "provenance": masks_provenance(_seg_files(subject.seg))}
 
 
-def fingerprint(paths: list[Path]) -> str:
-    """Short SHA-256 of the label files' bytes: a mark set on other labels is flagged stale."""
+def sha256(paths: Iterable[Path]) -> str:
+    """SHA-256 (hex) of the files' bytes, in order."""
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """Short SHA-256 of the label files' bytes: a mark set on other labels is flagged stale."""
+    return sha256(paths)[:16]
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def sidecar_path(seg: Path) -> Path:
+    """The BIDS sidecar JSON of a label file: the same name with ``.json`` (``x_seg-imsct.json``)."""
+    return Path(seg).with_name(strip_nifti_ext(Path(seg).name) + ".json")
+
+
+def masks_provenance(segs: list[Path]) -> dict:
+    """What made the masks, from the first label file's sidecar JSON that exists (``source``: its
+    path, ``record``: its content), or ``{"source": None}`` when there is none. An unreadable
+    sidecar is reported as such, not skipped."""
+    for seg in segs:
+        side = sidecar_path(seg)
+        if side.is_file():
+            try:
+                record = json.loads(side.read_text())
+            except (OSError, ValueError) as exc:
+                return {"source": str(side), "error": f"unreadable ({exc})"}
+            if not isinstance(record, dict):
+                return {"source": str(side), "error": "not a JSON object"}
+            return {"source": str(side), "record": record}
+    return {"source": None, "looked_for": str(sidecar_path(segs[0]))}
+
+
+def models_record(models_dir: str | Path) -> dict[str, dict[str, str]]:
+    """``{file name: {"model": key, "sha256": ...}}`` of the model files of :data:`imsct.weights.MODELS`
+    present in ``models_dir`` (an InputError naming the folder when it holds none)."""
+    from .weights import MODELS
+
+    folder = Path(models_dir)
+    if not folder.is_dir():
+        raise InputError(f"models folder {folder}: not found or not a folder")
+    found = {m.filename: {"model": key, "sha256": sha256([m.path(folder)])} for key, m in MODELS.items() if m.path(folder).is_file()}
+    if not found:
+        raise InputError(f"models folder {folder}: none of {', '.join(m.filename for m in MODELS.values())} found")
+    return found
+
+
+def report_provenance(command: str | None = None, models_dir: str | Path | None = None) -> dict:
+    """What the QC command knows: imsct's version, its command line, the date and, when given, the
+    models folder said to have made the masks (with the SHA-256 of each model file)."""
+    from . import __version__
+
+    out = {"imsct_version": __version__, "command": command,
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if models_dir is not None:
+        out["models_dir"] = str(Path(models_dir).resolve())
+        out["models"] = models_record(models_dir)
+    return out
+
+
+def _first(record: dict, *keys):
+    for k in keys:
+        if record.get(k) not in (None, "", [], {}):
+            return record[k]
+    return None
+
+
+def _models_html(models) -> str:
+    """Model files and checksums from a provenance ``models`` entry (a dict by file name or a list)."""
+    rows = []
+    if isinstance(models, dict):
+        items = list(models.items())
+    elif isinstance(models, list):
+        items = [((m.get("file") or m.get("filename") or m.get("name") or "?") if isinstance(m, dict) else str(m), m) for m in models]
+    else:
+        return _e(models)
+    for name, m in items:
+        m = m if isinstance(m, dict) else {}
+        digest = m.get("sha256") or m.get("checksum") or "–"
+        rows.append(f'<li><b>{_e(name)}</b>{" (" + _e(m["model"]) + ")" if m.get("model") else ""} '
+                    f'<code class="sha" title="{_e(digest)}">sha256 {_e(digest)}</code></li>')
+    return f'<ul class="models">{"".join(rows)}</ul>'
+
+
+def provenance_html(masks: dict | None, report: dict) -> str:
+    """The subject's provenance block: from the masks' sidecar when there is one, else what the QC
+    command was told; the report's own version, command and date always."""
+    parts = []
+    masks = masks or {"source": None}
+    rec = masks.get("record")
+    if rec is not None:
+        nested = rec.get("imsct") if isinstance(rec.get("imsct"), dict) else {}
+        version = _first(rec, "imsct_version", "version") or nested.get("version")
+        command = _first(rec, "command", "command_line", "cmd")
+        if isinstance(command, list):
+            command = " ".join(map(str, command))
+        date = _first(rec, "date", "created", "time", "generated")
+        models = _first(rec, "models", "weights")
+        parts.append(f'<div><b>masks</b> from <code>{_e(masks["source"])}</code></div>')
+        parts.append(f'<div>imsct {_e(version or "version not recorded")}; date {_e(date or "not recorded")}</div>')
+        parts.append(f'<div>command <code>{_e(command or "not recorded")}</code></div>')
+        parts.append(_models_html(models) if models else '<div class="muted">models not recorded in the sidecar</div>')
+    else:
+        why = masks.get("error") or f"no sidecar JSON next to the masks ({masks.get('looked_for', '')})"
+        parts.append(f'<div class="warnp"><b>masks</b>: {_e(why)}</div>')
+        if report.get("models"):
+            parts.append(f'<div>models given to imsct qc (--models {_e(report.get("models_dir"))}):</div>' + _models_html(report["models"]))
+        else:
+            parts.append('<div class="muted">models not recorded (pass imsct qc --models DIR to name them)</div>')
+    return '<div class="prov">' + "".join(parts) + "</div>"
 
 
 # ----------------------------------------------------------------------------- subjects
@@ -423,53 +702,94 @@ def morphometrics_table(morpho: dict | None) -> str:
     return table
 
 
-def _entry_html(index: int, subject: Subject, info: dict | None, error: str | None) -> str:
+VERDICTS = (("pass", "✔ pass", "p"), ("fail", "✘ fail", "f"), ("artifact", "⚠ artifact", "a"))  # SCT's three QC verdicts
+
+
+def _figure(subject: Subject, im: dict, view: str, fp: str, caption: str) -> str:
+    alt = _e(f"{subject.id} {im['title']} {view} {caption}")
+    return (f'<figure class="mosaic {view}"><figcaption>{_e(im["title"])} {view} <span class="muted">{_e(caption)}</span></figcaption>'
+            f'<img class="ov" src="img/{_e(im["overlay"])}?v={_e(fp)}" width="{im["width"]}" height="{im["height"]}" alt="{alt} with labels">'
+            f'<img class="plain" loading="lazy" src="img/{_e(im["plain"])}?v={_e(fp)}" width="{im["width"]}" height="{im["height"]}" alt="{alt}">'
+            "</figure>")
+
+
+def _slices_text(info: dict) -> str:
+    """Which sagittal slices the mosaic shows and where each class is largest (T2w file indices)."""
+    t2 = info["images"]["t2"]
+    most = info.get("most_lesion_slice") or {}
+    text = f"Sagittal slices shown: {', '.join(map(str, t2['slices']))}"
+    if most:
+        text += "; most " + ", most ".join(f"{n} #{k}" for n, k in most.items())
+    ax = t2.get("axial")
+    if ax:
+        text += "; axial panels through lesion centres at #" + ", #".join(map(str, ax["slices"]))
+    return text + "."
+
+
+def _entry_html(index: int, subject: Subject, info: dict | None, error: str | None, report_prov: dict | None = None) -> str:
     sid = _e(subject.id)
     paths = [("T2w", subject.t2), ("T1w", subject.t1)] + [("labels", p) for p in _seg_files(subject.seg)]
     files = "".join(f"<div><b>{r}</b> {_e(p)}</div>" for r, p in paths if p is not None)
-    parts = [
-        f'<section class="subject" id="s{index}" data-subject="{sid}" data-fp="{_e((info or {}).get("fingerprint", ""))}" tabindex="-1">',
-        f'<header class="sh"><h2><span class="n">{index + 1}</span> {sid}</h2><span class="badge" aria-live="polite"></span></header>',
-        f'<details class="files"><summary>files</summary>{files}</details>',
-    ]
+    views, side = [], []
     if subject.note:
-        parts.append(f'<p class="note">{_e(subject.note)}</p>')
+        side.append(f'<p class="note">{_e(subject.note)}</p>')
     if error:
-        parts.append(f'<p class="error">Could not render: {_e(error)}</p>')
+        side.append(f'<p class="error">Could not render: {_e(error)}</p>')
     if info:
-        for short, im in info["images"].items():
-            v = _e(info["fingerprint"])
-            alt = _e(f"{subject.id} {im['title']} sagittal slices {im['slices']}")
-            parts.append(
-                f'<figure class="mosaic"><figcaption>{_e(im["title"])} <span class="muted">sagittal, slices '
-                f'{_e(", ".join(map(str, im["slices"])))}</span></figcaption>'
-                f'<img class="ov" src="img/{_e(im["overlay"])}?v={v}" width="{im["width"]}" height="{im["height"]}" alt="{alt} with labels">'
-                f'<img class="plain" loading="lazy" src="img/{_e(im["plain"])}?v={v}" width="{im["width"]}" height="{im["height"]}" alt="{alt}">'
-                "</figure>"
-            )
+        fp = info["fingerprint"]
+        for im in info["images"].values():
+            views.append(_figure(subject, im, "sagittal", fp, "slices " + ", ".join(f"#{k}" for k in im["slices"])))
+            if im.get("axial"):
+                ax = {**im["axial"], "title": im["title"]}
+                views.append(_figure(subject, ax, "axial", fp, "through lesion " + ", ".join(
+                    f"{i} (#{k}, {v / 1000:.2f} cm³)" for i, (k, v) in enumerate(zip(ax["slices"], ax["volumes_mm3"]), 1))))
         whole = (((info.get("morphometrics") or {}).get("classes") or {}).get("whole-tumor") or {})
         if whole.get("count", None) == 0:
             # an empty label map is a valid answer: say so, rather than leave a table of zeros to read
-            parts.append('<p class="nolesion"><b>No lesion found</b>: the label map is empty (0 tumour, edema or cavity).</p>')
-        parts.append(morphometrics_table(info.get("morphometrics")))
-    parts.append(
-        '<div class="qc" role="group" aria-label="QC mark">'
-        '<button type="button" class="pass" data-mark="pass" title="pass (p)">✔ pass</button>'
-        '<button type="button" class="fail" data-mark="fail" title="fail (f)">✘ fail</button>'
-        '<button type="button" class="unset" data-mark="" title="unset (u)">unset</button>'
+            side.append('<p class="nolesion"><b>No lesion found</b>: the label map is empty (0 tumour, edema or cavity).</p>')
+        side.append(f'<div class="summary-table">{morphometrics_table(info.get("morphometrics"))}</div>')
+    buttons = "".join(f'<button type="button" class="{m}" data-mark="{m}" title="{m} ({k})">{_e(label)} <kbd>{k}</kbd></button>'
+                      for m, label, k in VERDICTS)
+    side.append(
+        '<div class="qc" role="group" aria-label="QC verdict">'
+        f'{buttons}<button type="button" class="unset" data-mark="" title="unset (u)">unset <kbd>u</kbd></button>'
         f'<textarea class="comment" rows="2" placeholder="comment (c)" aria-label="comment for {sid}"></textarea>'
         '<span class="stale" hidden>label map changed since this mark was set: check again</span>'
-        "</div></section>"
+        "</div>"
     )
-    return "\n".join(parts)
+    if info:
+        side.append(f'<p class="shown">{_e(_slices_text(info))}</p>')
+    side.append(f'<details class="files"><summary>files</summary>{files}</details>')
+    side.append(f'<details class="provenance"><summary>provenance</summary>'
+                f'{provenance_html((info or {}).get("provenance"), report_prov or {})}</details>')
+    return "\n".join([
+        f'<section class="subject" id="s{index}" data-subject="{sid}" data-fp="{_e((info or {}).get("fingerprint", ""))}" tabindex="-1">',
+        f'<header class="sh"><h2><span class="n">{index + 1}</span> {sid}</h2><span class="badge" aria-live="polite"></span></header>',
+        '<div class="cols">',
+        f'<div class="views">{"".join(views)}</div>',
+        f'<aside class="side">{"".join(side)}</aside>',
+        "</div></section>",
+    ])
 
 
 def _legend() -> str:
     return "".join(f'<span class="lg"><span class="sw" style="background:rgb{COLOURS[n]}"></span>{_e(n)}</span>' for n in LABELS)
 
 
-def page_html(title: str, report_id: str, entries: list[str], generated: str) -> str:
+def _report_line(prov: dict) -> str:
+    bits = [f"imsct {prov.get('imsct_version', '?')}"]
+    if prov.get("command"):
+        bits.append(f"<code>{_e(prov['command'])}</code>")
+    bits.append(f"generated {_e(prov.get('date', ''))}")
+    if prov.get("models"):
+        bits.append("models " + ", ".join(f"{_e(n)} sha256 {_e(m['sha256'][:12])}…" for n, m in prov["models"].items()))
+    return "; ".join(bits)
+
+
+def page_html(title: str, report_id: str, entries: list[str], generated: str, provenance: dict | None = None) -> str:
     data = json.dumps({"report_id": report_id, "title": title, "generated": generated}).replace("<", "\\u003c")
+    prov = provenance or {"date": generated}
+    options = "".join(f'<option value="{v}">{v}</option>' for v in ("all", "unset", "pass", "fail", "artifact"))
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -482,18 +802,22 @@ def page_html(title: str, report_id: str, entries: list[str], generated: str) ->
 <link rel="stylesheet" href="report.css">
 </head>
 <body>
-<header class="top">
+<header class="top" id="top">
   <h1>{_e(title)}</h1>
   <div class="legend">{_legend()}</div>
   <div class="summary" id="summary" aria-live="polite"></div>
   <div class="tools">
+    <label title="after a verdict, go to the next subject"><input type="checkbox" id="advance"> advance after marking (n)</label>
     <label><input type="checkbox" id="overlay" checked> overlays (o)</label>
-    <label>show <select id="filter"><option value="all">all</option><option value="unset">unset</option><option value="pass">pass</option><option value="fail">fail</option></select></label>
+    <label>show <select id="filter">{options}</select></label>
     <button type="button" id="export">Export JSON</button>
     <button type="button" id="import">Import JSON</button>
     <input type="file" id="import-file" accept=".json,application/json" hidden>
   </div>
-  <p class="help">Keys: j / k next / previous subject, p pass, f fail, u unset, c comment, o overlays. Marks are kept in this browser (report {_e(report_id[:8])}); export them to keep a file. Generated {_e(generated)}.</p>
+  <p class="help">Keys: j / k next / previous subject; p pass, f fail, a artifact, u unset; c comment; o overlays; n advance on / off.
+  <span id="advance-state"></span> Marks are kept in this browser (report {_e(report_id[:8])}); export them to keep a file.</p>
+  <p class="status" id="status" aria-live="polite"></p>
+  <p class="prov-line" id="report-provenance">Report: {_report_line(prov)}</p>
   <p class="warn" id="storage-warning" hidden>This browser does not let the page store marks: export before closing it.</p>
 </header>
 <main id="subjects">
@@ -532,11 +856,16 @@ def build_report(
     title: str = "IMSCT QC",
     force: bool = False,
     progress: Callable[[Iterable], Iterable] | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Write the report for ``subjects`` into ``out_dir``; returns the manifest (also written as
-    ``report.json``) with ``errors`` naming every subject that could not be rendered."""
+    ``report.json``) with ``errors`` naming every subject that could not be rendered.
+
+    ``provenance``: what the QC command knows (:func:`report_provenance`: version, command line,
+    date, models); each subject's masks are described by their sidecar JSON when they have one."""
     if not subjects:
         raise InputError("no subjects to report")
+    prov = provenance or report_provenance()
     out = Path(out_dir)
     old = _prepare_dir(out, force)
     report_id = old["report_id"] if old else uuid.uuid4().hex
@@ -558,28 +887,41 @@ def build_report(
         except InputError as exc:
             error = str(exc)
             errors[subject.id] = error
-        entries.append(_entry_html(i, subject, info, error))
+        entries.append(_entry_html(i, subject, info, error, prov))
         rec = {"id": subject.id, "t2": str(subject.t2), "t1": str(subject.t1) if subject.t1 else None, "seg": [str(p) for p in _seg_files(subject.seg)]}
         if info:
-            rec.update(fingerprint=info["fingerprint"], morphometrics=info["morphometrics"],
-                       images={k: {"overlay": v["overlay"], "plain": v["plain"], "slices": v["slices"]} for k, v in info["images"].items()})
-            written += [n for v in info["images"].values() for n in (v["overlay"], v["plain"])]
+            rec.update(fingerprint=info["fingerprint"], morphometrics=info["morphometrics"], provenance=info["provenance"],
+                       most_lesion_slice=info["most_lesion_slice"],
+                       images={k: {"overlay": v["overlay"], "plain": v["plain"], "slices": v["slices"],
+                                   **({"axial": {n: v["axial"][n] for n in ("overlay", "plain", "slices")}} if v.get("axial") else {})}
+                               for k, v in info["images"].items()})
+            written += _image_names(rec["images"])
         records.append(rec)
     # images of subjects that an earlier version of this report had and this one has not
     if old:
         for rec in old.get("subjects", []):
-            for im in (rec.get("images") or {}).values():
-                for name in (im.get("overlay"), im.get("plain")):
-                    if isinstance(name, str) and name not in written and "/" not in name and "\\" not in name:
-                        (img_dir / name).unlink(missing_ok=True)
+            for name in _image_names(rec.get("images")):
+                if name not in written and "/" not in name and "\\" not in name:
+                    (img_dir / name).unlink(missing_ok=True)
     for asset in ("report.js", "report.css"):
         shutil.copyfile(ASSETS / asset, out / asset)
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = prov.get("date") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     manifest = {"generator": GENERATOR, "report_id": report_id, "title": title, "generated": generated,
-                "subjects": records, "errors": errors}
+                "provenance": prov, "subjects": records, "errors": errors}
     write_text_atomically(out / "report.json", json.dumps(manifest, indent=1, default=_json_default))
-    write_text_atomically(out / "index.html", page_html(title, report_id, entries, generated))
+    write_text_atomically(out / "index.html", page_html(title, report_id, entries, generated, prov))
     return manifest
+
+
+def _image_names(images) -> list[str]:
+    """The PNG names a manifest's ``images`` entry lists (sagittal and axial, with and without labels)."""
+    names = []
+    for im in (images or {}).values() if isinstance(images, dict) else []:
+        if not isinstance(im, dict):
+            continue
+        for part in (im, im.get("axial") if isinstance(im.get("axial"), dict) else {}):
+            names += [n for n in (part.get("overlay"), part.get("plain")) if isinstance(n, str)]
+    return names
 
 
 def _json_default(o):
@@ -594,4 +936,5 @@ def _json_default(o):
 
 
 
-__all__ = ["Subject", "build_report", "render_mosaic", "subjects_from_dataset", "subjects_from_lists", "ALPHA"]
+__all__ = ["Subject", "build_report", "render_mosaic", "render_axial", "choose_view", "report_provenance", "subjects_from_dataset",
+           "subjects_from_lists", "ALPHA", "VERDICTS"]

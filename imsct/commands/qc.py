@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "Write an offline HTML QC report (overlay mosaics, morphometrics, pass/fail marks) for many subjects."
+HELP = ("Write an offline HTML QC report (sagittal mosaics, axial panels through each lesion, morphometrics, provenance, "
+        "pass/fail/artifact verdicts) for many subjects.")
 EXAMPLE = ("imsct qc --dataset bids/ --segs out/ -o qc/   (then open qc/index.html in a browser)\n"
            "  imsct qc --t2 a_T2w.nii.gz b_T2w.nii.gz --t1 a_T1w.nii.gz b_T1w.nii.gz "
            "--seg a_T2w_seg-imsct.nii.gz b_T2w_seg-imsct.nii.gz -o qc/")
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(sub-001) and its T2w name (sub-001_T2w), e.g. bids/derivatives/labels/{id}/anat/{id}_phantom.json")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder (index.html and img/)")
     parser.add_argument("--title", default="IMSCT QC", help="page title (default: IMSCT QC)")
+    parser.add_argument("--models", metavar="DIR",
+                        help="models folder that made the masks: its model files and their SHA-256 go on the page for "
+                             "subjects whose masks have no sidecar JSON (<label file>.json) saying so")
     parser.add_argument("--force", action="store_true",
                         help="write into DIR even though it is not empty and holds no imsct QC report (only the report's own files are written)")
 
@@ -67,10 +71,30 @@ def run(args: argparse.Namespace) -> int:
             return tqdm(items, desc="imsct qc", unit="subject", file=sys.stderr)
     except ImportError:  # the report does not need a progress bar
         progress = None
-    manifest = build_report(subjects, args.output, title=args.title, force=args.force, progress=progress)
+    from ..qc import report_provenance
+
+    provenance = report_provenance(command_line(args), args.models)
+    manifest = build_report(subjects, args.output, title=args.title, force=args.force, progress=progress, provenance=provenance)
     index = (Path(args.output) / "index.html").resolve()
     errors = manifest["errors"]
     for sid, msg in errors.items():
         print(f"imsct qc: {sid}: {msg}", file=sys.stderr)
     print(f"{len(subjects) - len(errors)} of {len(subjects)} subject(s) rendered: {index}")
     return 1 if errors else 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``imsct qc`` command line these arguments stand for (options in a fixed order, quoted
+    for a POSIX shell): what the page records as the command that made it."""
+    import shlex
+
+    parts = ["imsct", "qc"]
+    for name in ("dataset", "segs", "t2", "t1", "seg", "levels", "models", "output", "title"):
+        value = getattr(args, name, None)
+        if value is None or (name == "title" and value == "IMSCT QC"):
+            continue
+        flag = "-o" if name == "output" else f"--{name}"
+        parts += [flag, *(value if isinstance(value, list) else [value])]
+    if args.force:
+        parts.append("--force")
+    return shlex.join(str(p) for p in parts)

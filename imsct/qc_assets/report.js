@@ -1,11 +1,14 @@
-/* IMSCT QC report: pass / fail marks and comments per subject, kept in localStorage under the
-   report's id, exported and imported as JSON. Plain script, no network, works from file://. */
+/* IMSCT QC report: pass / fail / artifact verdicts and comments per subject, kept in localStorage
+   under the report's id, exported and imported as JSON. After a verdict the page stays on the
+   subject unless "advance after marking" is ticked (remembered by this browser, off by default).
+   Plain script, no network, works from file://. */
 (function () {
   "use strict";
 
   var meta = JSON.parse(document.getElementById("imsct-qc-data").textContent);
   var KEY = "imsct-qc:" + meta.report_id;
-  var MARKS = { pass: true, fail: true };
+  var MARKS = { pass: true, fail: true, artifact: true };
+  var ADVANCE_KEY = "imsct-qc-advance";
   var entries = Array.prototype.slice.call(document.querySelectorAll("section.subject"));
   var bySubject = {};
   entries.forEach(function (el) { bySubject[el.getAttribute("data-subject")] = el; });
@@ -60,6 +63,7 @@
     var mark = MARKS[r.qc] ? r.qc : "";
     el.classList.toggle("qc-pass", mark === "pass");
     el.classList.toggle("qc-fail", mark === "fail");
+    el.classList.toggle("qc-artifact", mark === "artifact");
     el.classList.toggle("qc-unset", !mark);
     el.setAttribute("data-qc", mark || "unset");
     Array.prototype.forEach.call(el.querySelectorAll("button[data-mark]"), function (b) {
@@ -72,16 +76,14 @@
   }
 
   function summary() {
-    var n = { pass: 0, fail: 0, unset: 0 };
+    var n = { pass: 0, fail: 0, artifact: 0, unset: 0 };
     entries.forEach(function (el) {
       var r = state[el.getAttribute("data-subject")];
       n[r && MARKS[r.qc] ? r.qc : "unset"] += 1;
     });
     var box = document.getElementById("summary");
-    box.textContent = entries.length + " subjects: " + n.pass + " pass, " + n.fail + " fail, " + n.unset + " unset";
-    box.setAttribute("data-pass", n.pass);
-    box.setAttribute("data-fail", n.fail);
-    box.setAttribute("data-unset", n.unset);
+    box.textContent = entries.length + " subjects: " + n.pass + " pass, " + n.fail + " fail, " + n.artifact + " artifact, " + n.unset + " unset";
+    Object.keys(n).forEach(function (k) { box.setAttribute("data-" + k, n[k]); });
     return n;
   }
 
@@ -152,6 +154,41 @@
     return n;
   }
 
+  var advanceBox = document.getElementById("advance");
+
+  function advanceOn() { return advanceBox.checked; }
+
+  function showAdvance() {
+    document.getElementById("advance-state").textContent = advanceOn()
+      ? "After a verdict the page moves to the next subject (advance is on)."
+      : "After a verdict the page stays on the subject (advance is off).";
+  }
+
+  function status(text) { document.getElementById("status").textContent = text; }
+
+  /* a verdict given from the keyboard or a button: set it, then stay or advance as the page says */
+  function verdict(el, mark) {
+    var subject = el.getAttribute("data-subject");
+    setMark(subject, mark);
+    var visible = entries.filter(function (x) { return !x.hidden; });
+    var said = subject + ": " + (mark || "unset");
+    if (el.hidden) {  // filtered out by its new mark: the next one moved up into its place
+      focusEntry(current);
+      var now = currentEntry();
+      status(said + "; hidden by the filter" + (now ? ", now on " + now.getAttribute("data-subject") : ""));
+    } else if (mark && advanceOn()) {
+      var at = visible.indexOf(el);
+      if (at + 1 < visible.length) {
+        focusEntry(at + 1);
+        status(said + "; advanced to " + currentEntry().getAttribute("data-subject"));
+      } else {
+        status(said + "; last subject, staying");
+      }
+    } else {
+      status(said + (mark ? "; staying on it (advance is off)" : ""));
+    }
+  }
+
   function focusEntry(i) {
     var visible = entries.filter(function (el) { return !el.hidden; });
     if (!visible.length) return;
@@ -172,18 +209,32 @@
   entries.forEach(function (el, i) {
     var subject = el.getAttribute("data-subject");
     el.addEventListener("click", function (ev) {
-      var b = ev.target.closest("button[data-mark]");
-      if (b) setMark(subject, b.getAttribute("data-mark"));
       var visible = entries.filter(function (x) { return !x.hidden; });
       entries.forEach(function (x) { x.classList.remove("current"); });
       el.classList.add("current");
       current = visible.indexOf(el);
+      var b = ev.target.closest("button[data-mark]");
+      if (b) verdict(el, b.getAttribute("data-mark"));
     });
     el.querySelector("textarea.comment").addEventListener("input", function (ev) {
       setComment(subject, ev.target.value);
     });
     render(el);
   });
+
+  try { advanceBox.checked = !!storage && storage.getItem(ADVANCE_KEY) === "1"; } catch (e) { advanceBox.checked = false; }
+  advanceBox.addEventListener("change", function () {
+    try { if (storage) storage.setItem(ADVANCE_KEY, advanceBox.checked ? "1" : "0"); } catch (e) { /* not stored */ }
+    showAdvance();
+  });
+  showAdvance();
+
+  /* the sticky header's height, so that a subject scrolled to sits just below it */
+  function headerHeight() {
+    document.documentElement.style.setProperty("--head", document.getElementById("top").offsetHeight + "px");
+  }
+  headerHeight();
+  window.addEventListener("resize", headerHeight);
 
   document.getElementById("overlay").addEventListener("change", function (ev) {
     document.body.classList.toggle("no-overlay", !ev.target.checked);
@@ -219,13 +270,13 @@
     switch (ev.key) {
       case "j": case "ArrowDown": focusEntry(current + 1); break;
       case "k": case "ArrowUp": focusEntry(current - 1); break;
-      case "p": case "f": case "u":
+      case "p": case "f": case "a": case "u":
         if (!el) { focusEntry(0); el = currentEntry(); }
-        if (el) {
-          setMark(el.getAttribute("data-subject"), ev.key === "p" ? "pass" : ev.key === "f" ? "fail" : "");
-          if (el.hidden) focusEntry(current); // filtered out by its new mark: the next one moved up
-          else if (ev.key !== "u") focusEntry(current + 1);
-        }
+        if (el) verdict(el, { p: "pass", f: "fail", a: "artifact", u: "" }[ev.key]);
+        break;
+      case "n":
+        advanceBox.checked = !advanceBox.checked;
+        advanceBox.dispatchEvent(new Event("change"));
         break;
       case "c":
         if (el) el.querySelector("textarea.comment").focus();
@@ -252,5 +303,6 @@
   if (!storage) document.getElementById("storage-warning").hidden = false;
   summary();
   applyFilter();
-  window.imsctQC = { exportData: exportData, importData: importData, setMark: setMark, summary: summary, reportId: meta.report_id, storageKey: KEY };
+  window.imsctQC = { exportData: exportData, importData: importData, setMark: setMark, summary: summary, reportId: meta.report_id,
+                     storageKey: KEY, current: function () { var el = currentEntry(); return el ? el.getAttribute("data-subject") : null; } };
 })();

@@ -136,3 +136,96 @@ def test_bad_input_named_and_nothing_written(followup, tmp_path, capsys):
     rc, err = run("--dates", "2022-05-01", "yesterday")
     assert rc == 2 and "'yesterday' is not a date" in err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- lesions across grids
+
+def _render_pair(tmp_path, index, growth_factor, extra_at_visit=None):
+    """One phantom subject (seed 100) rendered twice without motion: visit 1 on a thick-slice
+    oblique axial grid (5 mm slices, 10 degrees), visit 2 on a fine sagittal grid (0.6 mm x 1 mm),
+    its lesions grown by ``growth_factor``. ``extra_at_visit`` (1 or 2): that visit also has a
+    second, small tumour 20 mm above the first lesion. Returns the compare command's arguments."""
+    from dataclasses import replace
+
+    from imsct.io import save_volume
+    from imsct.phantoms import Acquisition, _draw_subject
+    from imsct.phantoms.anatomy import grown
+    from imsct.phantoms.render import label_map, render_labels_and_tissue
+
+    _, spec, _ = _draw_subject(100, index, 400_000, acquisition="sagittal")
+    lo = min(les.extent()[0] for les in spec.lesions)
+    hi = max(les.extent()[1] for les in spec.lesions)
+    zc, length = (lo + hi + 40) / 2, hi - lo + 80  # room above for the extra lesion
+    centre = spec.centreline(np.array([zc]))[0]
+    grids = {1: Acquisition(1.0, 5.0, 0, 40, int(length / 5), centre, ("R", "A", "S"), 10.0, plane="axial", fov_rl=40).grid(),
+             2: Acquisition(0.6, 1.0, length, 40, 30, centre, ("R", "A", "S")).grid()}
+    extra = replace(spec.lesions[0], z=hi + 20, half_length=5.0, edema_above=0.0, edema_below=0.0, cavity_above=0.0, cavity_below=0.0)
+    args, labels = [], {}
+    for visit in (1, 2):
+        s = grown(spec, growth_factor) if visit == 2 else spec
+        if extra_at_visit == visit:
+            s = replace(s, lesions=[*s.lesions, extra], _table={})
+        shape, affine = grids[visit]
+        t2, _, fr = render_labels_and_tissue(s, shape, affine)
+        labels[visit] = (label_map(fr), affine)
+        args.append((save_volume(t2, affine, tmp_path / f"v{visit}_T2w.nii.gz", np.float32),
+                     save_volume(labels[visit][0], affine, tmp_path / f"v{visit}_seg-imsct.nii.gz")))
+    cmd = ["compare", "--t2", str(args[0][0]), str(args[1][0]), "--seg1", str(args[0][1]), "--seg2", str(args[1][1]),
+           "--dates", "2021-03-01", "2022-09-01", "--no-register", "-o", str(tmp_path / "cmp")]
+    return cmd, labels
+
+
+def _compare(cmd, tmp_path):
+    assert main(cmd) == 0
+    return json.loads((tmp_path / "cmp" / "compare.json").read_text())["classes"]
+
+
+@pytest.mark.parametrize("index,growth_factor,name,old_new,kind", [
+    (0, 1.7, "edema", 2, "matched"),  # grown edema; the old count (after resampling onto visit 1): new 2
+    (18, 1.7, "cavity", 1, "matched"),  # a cavity that only grew (1100 -> 2290 mm3): old new 1
+    (10, 1.0, "edema", 1, "split"),  # unchanged edema: old new 1
+    (6, 1.7, "edema", 0, "merged"),  # the edema is two pieces on visit 1's thick slices, one at visit 2
+])
+def test_unchanged_or_grown_lesions_are_never_new(tmp_path, capsys, index, growth_factor, name, old_new, kind):
+    from imsct.geometry import to_working
+    from imsct.labels import split_masks
+    from imsct.metrics import detection_rates
+
+    cmd, labels = _render_pair(tmp_path, index, growth_factor)
+    # what the old count said: visit 2's labels resampled onto visit 1's grid, components counted there
+    (lab1, aff1), (lab2, aff2) = labels[1], labels[2]
+    on1 = split_masks(to_working(lab2, aff2, lab1.shape, aff1, label=True))[name]
+    _, fpr, _, n_on1 = detection_rates(on1, split_masks(lab1)[name], abs(np.linalg.det(aff1[:3, :3])))
+    assert (0 if n_on1 == 0 else round(n_on1 * fpr)) == old_new
+    classes = _compare(cmd, tmp_path)
+    capsys.readouterr()
+    for cls, c in classes.items():
+        assert (c["new_components"], c["vanished_components"]) == (0, 0), (cls, c["lesions"])
+    for cls in ("tumor", "whole-tumor"):
+        assert classes[cls]["matched_lesions"] == 1
+    c = classes[name]
+    # the class's biggest visit-2 component is one lesion with its visit-1 counterpart(s)
+    lesion = max((e for e in c["lesions"] if e["visit2"]), key=lambda e: max(e["visit2_mm3"]))
+    assert lesion["kind"] == kind and lesion["visit1"], c["lesions"]
+    if kind == "merged":  # two pieces on the coarse grid matched to their one counterpart
+        assert len(lesion["visit1"]) == 2 and len(lesion["visit2"]) == 1 and c["components_visit1"] >= 2
+    if growth_factor > 1:
+        assert c["volume_visit2_mm3"] > 1.2 * c["volume_visit1_mm3"]
+    # every component of either visit is accounted for, once
+    for v in (1, 2):
+        seen = sorted(i for e in c["lesions"] for i in e[f"visit{v}"])
+        assert seen == list(range(1, c[f"components_visit{v}"] + 1))
+
+
+@pytest.mark.parametrize("visit", [2, 1])
+def test_a_new_or_vanished_lesion_is_counted(tmp_path, capsys, visit):
+    cmd, _ = _render_pair(tmp_path, 0, 1.0, extra_at_visit=visit)
+    classes = _compare(cmd, tmp_path)
+    key = "new_components" if visit == 2 else "vanished_components"
+    other = "vanished_components" if visit == 2 else "new_components"
+    for name in ("tumor", "whole-tumor"):
+        c = classes[name]
+        assert c[key] == 1 and c[other] == 0 and c["matched_lesions"] == 1, (name, c["lesions"])
+        lone = [e for e in c["lesions"] if e["kind"] in ("new", "vanished")]
+        assert len(lone) == 1 and lone[0][f"visit{visit}_mm3"][0] > 100  # the extra tumour (5 mm half-length)
+    assert "tumor" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from imsct import __version__
 from imsct.cli import main as cli
 from imsct.io import save_volume
 from imsct.labels import COLOURS, LABELS
@@ -98,7 +99,8 @@ def test_subject_text_is_escaped(tmp_path):
     assert "<img src=x" not in page and "onerror=alert(1)>" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;&amp;&quot;&#x27;" in page
     pngs = sorted(p.name for p in (out / "img").iterdir())
-    assert len(pngs) == 2 and all(set(n) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") for n in pngs)
+    # sagittal mosaic and axial panels, each with and without labels
+    assert len(pngs) == 4 and all(set(n) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") for n in pngs)
 
 
 def test_qc_command_bad_input(phantom_dir, tmp_path, capsys):
@@ -194,7 +196,32 @@ def _severe(driver) -> list:
 
 def _counts(driver) -> dict:
     box = driver.find_element("id", "summary")
-    return {k: int(box.get_attribute(f"data-{k}")) for k in ("pass", "fail", "unset")}
+    return {k: int(box.get_attribute(f"data-{k}")) for k in ("pass", "fail", "artifact", "unset")}
+
+
+IN_VIEW_JS = """
+const head = document.getElementById('top').getBoundingClientRect().bottom;
+const el = arguments[0];
+const parts = [el.querySelector('.summary-table'), ...el.querySelectorAll('.qc button')];
+return parts.map(p => {
+  const r = p.getBoundingClientRect();
+  const hit = document.elementFromPoint((r.left + r.right) / 2, (r.top + r.bottom) / 2);
+  return {what: p.className || p.tagName, top: r.top, bottom: r.bottom, left: r.left, right: r.right,
+          head: head, width: innerWidth, height: innerHeight, on_top: !!hit && p.contains(hit)};
+});
+"""
+
+
+def _assert_in_view(driver, entry):
+    """The subject's summary table and verdict buttons lie inside the viewport of a 1400 x 1000
+    window, below the sticky header, not covered by anything (element bounding boxes)."""
+    boxes = driver.execute_script(IN_VIEW_JS, entry)
+    assert len(boxes) == 5, boxes  # summary, pass, fail, artifact, unset
+    for b in boxes:
+        # a 1400 x 1000 window: its viewport is narrower by any scrollbar, lower by the browser's own bars (857 px headless)
+        assert 1380 <= b["width"] <= 1400 and 800 <= b["height"] <= 1000, b
+        inside = b["top"] >= b["head"] - 0.5 and b["bottom"] <= b["height"] and b["left"] >= 0 and b["right"] <= b["width"]
+        assert inside and b["on_top"], b
 
 
 def _wait_for_file(folder: Path, pattern: str, seconds: float = 20.0) -> Path:
@@ -216,20 +243,45 @@ def test_report_in_chromium(report, browser, phantom_dir):
     assert _severe(driver) == []
     images_js = "return Array.from(document.querySelectorAll('img.' + arguments[0])).map(i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight, i.complete])"
     images = driver.execute_script(images_js, "ov")
-    assert len(images) == 2 * 2  # two subjects x (T2w, T1w), with overlays
+    assert len(images) == 2 * 2 * 2  # two subjects x (T2w, T1w) x (sagittal mosaic, axial panels), with overlays
     assert all(w > 0 and h > 0 for _, w, h, _ in images), images
     for src, *_ in images:  # the page shows the PNG files next to it
         assert (out / src.split("?")[0]).is_file()
     # 'o' swaps to the images without overlays (loaded when first shown)
     driver.find_element(By.TAG_NAME, "body").send_keys("o")
     assert "no-overlay" in driver.find_element(By.TAG_NAME, "body").get_attribute("class")
-    WebDriverWait(driver, 30).until(lambda d: all(c for *_, c in d.execute_script(images_js, "plain")))
+    # lazy: each loads when scrolled near
+    WebDriverWait(driver, 30).until(lambda d: all(c for *_, c in d.execute_script(
+        "document.querySelectorAll('img.plain').forEach(i => { if (!i.complete) i.scrollIntoView(); });" + images_js, "plain")))
+    driver.execute_script("window.scrollTo(0, 0)")
     plain = driver.execute_script(images_js, "plain")
-    assert len(plain) == 4 and all(w > 0 and h > 0 for _, w, h, _ in plain), plain
+    assert len(plain) == 8 and all(w > 0 and h > 0 for _, w, h, _ in plain), plain
     assert [w for _, w, _, _ in plain] == [w for _, w, _, _ in images]
     driver.find_element(By.TAG_NAME, "body").send_keys("o")
     entries = driver.find_elements(By.CSS_SELECTOR, "section.subject")
     assert [e.get_attribute("data-subject") for e in entries] == ["sub-001", "sub-002"]
+    # at 1400 x 1000: the first subject's summary and verdict buttons without scrolling, the images
+    # shown at their own size (captions drawn for that size stay legible)
+    assert driver.execute_script("return scrollY") == 0
+    _assert_in_view(driver, entries[0])
+    shown = driver.execute_script("return Array.from(document.querySelectorAll('img.ov')).map(i => [i.clientWidth, i.naturalWidth])")
+    assert all(c == n for c, n in shown), shown
+    shot = report["downloads"].parent / "qc-1400x1000.png"
+    driver.save_screenshot(str(shot))
+    print(f"QC page screenshot (1400 x 1000): {shot}")
+    # the page says which slices it shows, and the tiles' slice numbers are the manifest's
+    manifest = json.loads((out / "report.json").read_text())
+    for e, rec in zip(entries, manifest["subjects"]):
+        text = e.find_element(By.CSS_SELECTOR, ".shown").text
+        assert "Sagittal slices shown: " + ", ".join(map(str, rec["images"]["t2"]["slices"])) in text
+        for name, k in rec["most_lesion_slice"].items():
+            assert f"most {name} #{k}" in text and k in rec["images"]["t2"]["slices"]
+        assert rec["images"]["t2"]["axial"]["slices"]
+        # provenance: no sidecar beside these masks, so the page says so; the report's version and command line
+        prov = e.find_element(By.CSS_SELECTOR, "details.provenance")
+        assert "no sidecar JSON next to the masks" in prov.get_attribute("textContent")
+    line = driver.find_element(By.ID, "report-provenance").text
+    assert f"imsct {__version__}" in line and "imsct qc --dataset" in line and "generated 20" in line
     # morphometrics table: the tumour row names the levels of the phantom's truth lesions
     for e in entries:
         truth = json.loads((phantom_dir / "derivatives" / "labels" / e.get_attribute("data-subject") / "anat"
@@ -243,13 +295,13 @@ def test_report_in_chromium(report, browser, phantom_dir):
         inside = [les for les in truth["lesions"] if z.min() <= les["z_mm"] <= z.max()]
         assert inside and all(les["level"] in shown for les in inside), (shown, truth["lesions"])
         assert row.find_elements(By.TAG_NAME, "td")[0].text == str(len(inside))  # one component per lesion
-    assert _counts(driver) == {"pass": 0, "fail": 0, "unset": 2}
+    assert _counts(driver) == {"pass": 0, "fail": 0, "artifact": 0, "unset": 2}
 
     entries[0].find_element(By.CSS_SELECTOR, "button[data-mark=pass]").click()
     entries[1].find_element(By.CSS_SELECTOR, "button[data-mark=fail]").click()
     entries[1].find_element(By.CSS_SELECTOR, "textarea.comment").send_keys("edema <missed> & cavity")
-    assert _counts(driver) == {"pass": 1, "fail": 1, "unset": 0}
-    assert "1 pass, 1 fail, 0 unset" in driver.find_element(By.ID, "summary").text
+    assert _counts(driver) == {"pass": 1, "fail": 1, "artifact": 0, "unset": 0}
+    assert "1 pass, 1 fail, 0 artifact, 0 unset" in driver.find_element(By.ID, "summary").text
     expected = {"sub-001": {"qc": "pass", "comment": ""}, "sub-002": {"qc": "fail", "comment": "edema <missed> & cavity"}}
     assert driver.execute_script("return window.imsctQC.exportData()") == expected
 
@@ -262,14 +314,41 @@ def test_report_in_chromium(report, browser, phantom_dir):
     driver.refresh()
     _open(driver, out)
     entries = driver.find_elements(By.CSS_SELECTOR, "section.subject")
-    assert _counts(driver) == {"pass": 1, "fail": 1, "unset": 0}
+    assert _counts(driver) == {"pass": 1, "fail": 1, "artifact": 0, "unset": 0}
     assert entries[1].find_element(By.CSS_SELECTOR, "button[data-mark=fail]").get_attribute("aria-pressed") == "true"
     assert entries[1].find_element(By.CSS_SELECTOR, "textarea.comment").get_attribute("value") == "edema <missed> & cavity"
 
     # keyboard: j goes to the first subject, u unsets it
-    driver.find_element(By.TAG_NAME, "body").send_keys("ju")
-    assert _counts(driver) == {"pass": 0, "fail": 1, "unset": 1}
+    body = driver.find_element(By.TAG_NAME, "body")
+    body.send_keys("ju")
+    assert _counts(driver) == {"pass": 0, "fail": 1, "artifact": 0, "unset": 1}
+    # advance is off by default and the page says so: p marks the subject and stays on it
+    advance = driver.find_element(By.ID, "advance")
+    assert not advance.is_selected()
+    assert "stays on the subject (advance is off)" in driver.find_element(By.ID, "advance-state").text
+    body.send_keys("p")
+    assert driver.execute_script("return window.imsctQC.current()") == "sub-001"
+    assert driver.find_element(By.ID, "status").text == "sub-001: pass; staying on it (advance is off)"
+    # n turns advance on (the box shows it): a marks artifact and moves to the next subject
+    body.send_keys("n")
+    assert advance.is_selected() and "moves to the next subject (advance is on)" in driver.find_element(By.ID, "advance-state").text
+    body.send_keys("a")
+    assert driver.execute_script("return window.imsctQC.current()") == "sub-002"
+    assert driver.find_element(By.ID, "status").text == "sub-001: artifact; advanced to sub-002"
+    assert _counts(driver) == {"pass": 0, "fail": 1, "artifact": 1, "unset": 0}
+    assert driver.execute_script("return window.imsctQC.exportData()")["sub-001"] == {"qc": "artifact", "comment": ""}
+    assert "qc-artifact" in entries[0].get_attribute("class") and entries[0].find_element(By.CSS_SELECTOR, ".badge").text == "ARTIFACT"
+    # the subject moved to shows its summary and buttons without scrolling further
+    _assert_in_view(driver, entries[1])
+    # advance on: a verdict on the last subject stays there, and says so
+    body.send_keys("f")
+    assert driver.find_element(By.ID, "status").text == "sub-002: fail; last subject, staying"
+    # the box off again by a click: a click on a button stays too
+    advance.click()
+    driver.execute_script("arguments[0].scrollIntoView()", entries[0])  # below the sticky header (scroll-margin)
     entries[0].find_element(By.CSS_SELECTOR, "button[data-mark=pass]").click()
+    assert driver.execute_script("return window.imsctQC.current()") == "sub-001"
+    assert _counts(driver) == {"pass": 1, "fail": 1, "artifact": 0, "unset": 0}
     assert _severe(driver) == []
 
     # regenerate after sub-002's label map changed: same report id, marks kept, sub-002's flagged stale
@@ -282,7 +361,7 @@ def test_report_in_chromium(report, browser, phantom_dir):
     assert cli(report["args"]) == 0
     assert json.loads((out / "report.json").read_text())["report_id"] == report_id
     _open(driver, out)
-    assert _counts(driver) == {"pass": 1, "fail": 1, "unset": 0}
+    assert _counts(driver) == {"pass": 1, "fail": 1, "artifact": 0, "unset": 0}
     stale = [e.find_element(By.CSS_SELECTOR, ".stale").is_displayed()
              for e in driver.find_elements(By.CSS_SELECTOR, "section.subject")]
     assert stale == [False, True]
@@ -291,7 +370,7 @@ def test_report_in_chromium(report, browser, phantom_dir):
     # importing an export restores marks for the report's subjects and ignores others
     n = driver.execute_script("return window.imsctQC.importData(arguments[0])",
                               {"sub-001": {"qc": "fail", "comment": "re-read"}, "sub-999": {"qc": "pass"}})
-    assert n == 1 and _counts(driver) == {"pass": 0, "fail": 2, "unset": 0}
+    assert n == 1 and _counts(driver) == {"pass": 0, "fail": 2, "artifact": 0, "unset": 0}
     assert driver.execute_script("return window.imsctQC.exportData()")["sub-001"] == {"qc": "fail", "comment": "re-read"}
     assert _severe(driver) == []
 
@@ -318,3 +397,144 @@ def test_failed_subject_listed_empty_label_map_rendered(tmp_path, capsys):
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(out / "img" / "sub-a_t2.png")), np.asarray(Image.open(out / "img" / "sub-a_t2_plain.png")))
+
+
+# ----------------------------------------------------------------------------- slices, axial panels, provenance
+
+
+def _lesion_between_samples():
+    """A label map on an RAS grid (30 sagittal slices of 2 mm) whose lesion spans slices 8-16: the
+    old even spread over 7..17 showed 7, 8, 10, 11, 13, 14, 16, 17 and so skipped the slice with most
+    tumour (12), most edema (9) and most cavity (15)."""
+    shape = (30, 40, 120)  # R, A, S
+    affine = np.diag([2.0, 1.0, 0.5, 1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * np.diag(affine)[:3]
+    lab = np.zeros(shape, np.uint8)
+    lab[8:17, 18:22, 50:60] = LABELS["tumor"]  # a thin tumour through every slice of the lesion
+    lab[12, 14:26, 40:80] = LABELS["tumor"]  # most tumour
+    lab[9, 14:26, 62:70] = LABELS["edema"]  # the only edema
+    lab[15, 14:26, 30:40] = LABELS["cavity"]  # the only cavity
+    image = np.random.default_rng(0).normal(100, 10, shape).astype(np.float32)
+    return image, lab, affine
+
+
+def test_mosaic_shows_the_slices_with_most_lesion(tmp_path):
+    image, lab, affine = _lesion_between_samples()
+    assert tuple(nib.aff2axcodes(affine)) == ("R", "A", "S")
+    old = sorted({int(round(v)) for v in np.linspace(7, 17, 8)})
+    assert old == [7, 8, 10, 11, 13, 14, 16, 17] and not {9, 12, 15} & set(old)  # what users saw
+    mosaic = render_mosaic(image, lab, affine)
+    shown = [t["slice"] for t in mosaic.tiles]
+    assert len(shown) == 8 and {9, 12, 15} <= set(shown) and shown[0] == 7 and shown[-1] == 17, shown
+    assert [t["text"] for t in mosaic.tiles] == [f"#{k}" for k in shown]  # the number drawn on each tile
+    # each tile is that slice: its overlay shows the classes of that slice only
+    for tile in mosaic.tiles:
+        x0, w = tile["x0"], tile["width"]
+        sub = type(mosaic)(overlay=mosaic.overlay[:, x0 : x0 + w], plain=mosaic.plain[:, x0 : x0 + w])
+        for name in ("edema", "cavity"):
+            assert class_pixels(sub, name).any() == (lab[tile["slice"]] == LABELS[name]).any(), (tile, name)
+    # the page says which slices it shows and where each class is largest
+    t2 = save_volume(image, affine, tmp_path / "sub-x_T2w.nii.gz", np.float32)
+    seg = save_volume(lab, affine, tmp_path / "sub-x_seg-imsct.nii.gz")
+    manifest = build_report(subjects_from_lists([t2], [seg]), tmp_path / "qc")
+    assert manifest["subjects"][0]["images"]["t2"]["slices"] == shown
+    assert manifest["subjects"][0]["most_lesion_slice"] == {"tumor": 12, "edema": 9, "cavity": 15}
+    page = (tmp_path / "qc" / "index.html").read_text()
+    assert shown == [7, 9, 10, 12, 13, 15, 16, 17]  # each must-show slice replaced its nearest evenly spread one
+    assert "Sagittal slices shown: 7, 9, 10, 12, 13, 15, 16, 17; most tumor #12, most edema #9, most cavity #15" in page
+
+
+@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "I"), ("A", "R", "S")])
+def test_axial_panel_through_each_lesion(axcodes):
+    from imsct.qc import lesion_centres, render_axial, to_display
+
+    image, _, affine = synthetic(axcodes)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1).astype(float)
+    x, y, z = np.moveaxis(ijk @ affine[:3, :3].T + affine[:3, 3], -1, 0)
+    lab = np.zeros(image.shape, np.uint8)
+    # two lesions: superior on the patient's right and anterior, inferior on the left and posterior
+    lab[(np.abs(z - 15) < 5) & (x > 1) & (x < 5) & (y > 4) & (y < 14)] = LABELS["tumor"]
+    lab[(np.abs(z + 15) < 5) & (x < -1) & (x > -5) & (y < -4) & (y > -14)] = LABELS["cavity"]
+    dlab, sizes, _ = to_display(lab, affine)
+    centres = lesion_centres(dlab, sizes)
+    assert len(centres) == 2
+    axial = render_axial(image, lab, affine, centres)
+    assert [t["text"].split(":")[0] for t in axial.tiles] == ["1", "2"]
+    for tile, name, (left, up) in zip(axial.tiles, ("tumor", "cavity"), ((True, True), (False, False))):
+        x0, w, h = tile["x0"], tile["width"], tile["height"]
+        sub = type(axial)(overlay=axial.overlay[:, x0 : x0 + w], plain=axial.plain[:, x0 : x0 + w])
+        ys, xs = np.nonzero(class_pixels(sub, name))
+        assert ys.size, (tile, name)
+        # radiological: the patient's right on the left, anterior up
+        assert (xs.mean() < w / 2, ys.mean() < h / 2) == (left, up), (axcodes, name, xs.mean(), ys.mean(), w, h)
+        assert not class_pixels(sub, "cavity" if name == "tumor" else "tumor").any()  # the other lesion is not in this slice
+    # the slice number drawn is the index along the file's superior-inferior axis, through the lesion centre
+    si_axis = [i for i, c in enumerate(axcodes) if c in "SI"][0]
+    for tile, name in zip(axial.tiles, ("tumor", "cavity")):
+        idx = np.argwhere(lab == LABELS[name])[:, si_axis]
+        assert idx.min() <= tile["slice"] <= idx.max()
+
+
+def test_scale_bar_and_large_letters():
+    from imsct.qc import FONT_PX, scale_bar_mm
+
+    assert scale_bar_mm(0.25, 160) == 10.0 and scale_bar_mm(0.5, 240) == 20.0 and scale_bar_mm(1.0, 20) == 5.0 and scale_bar_mm(1.0, 5) == 5.0
+    image, lab, affine = synthetic(("S", "A", "R"))
+    mosaic = render_mosaic(image, lab, affine)
+    last = mosaic.tiles[-1]
+    h, x0, w = last["height"], last["x0"], last["width"]
+    # the bar: a run of caption-yellow pixels 10 mm long (at mm_per_pixel) near the bottom of the last tile
+    yellow = np.all(mosaic.plain == (255, 255, 0), axis=2)
+    runs = [yellow[y, x0 : x0 + w].sum() for y in range(h - 14, h)]
+    assert abs(max(runs) - 10.0 / mosaic.mm_per_pixel) <= 2, (runs, mosaic.mm_per_pixel)
+    # letters are drawn in a font of FONT_PX pixels: the S on the first tile is 11 px high (8 in the default size-10 font)
+    first = mosaic.tiles[0]
+    rgb = mosaic.plain[: FONT_PX + 8, first["x0"] : first["x0"] + first["width"]].astype(int)
+    ys = np.nonzero((rgb[..., 0] > 180) & (rgb[..., 1] > 180) & (rgb[..., 2] < 90))[0]  # yellow, anti-aliased
+    assert ys.size and ys.max() - ys.min() + 1 >= 11, ys
+
+
+def test_provenance_from_sidecar_or_models_folder(tmp_path, capsys):
+    import hashlib
+
+    image, lab, affine = synthetic(("S", "A", "R"))
+    t2a = save_volume(image, affine, tmp_path / "sub-a_T2w.nii.gz", np.float32)
+    t2b = save_volume(image, affine, tmp_path / "sub-b_T2w.nii.gz", np.float32)
+    sega = save_volume(lab, affine, tmp_path / "sub-a_T2w_seg-imsct.nii.gz")
+    segb = save_volume(lab, affine, tmp_path / "sub-b_T2w_seg-imsct.nii.gz")
+    digest = "ab12" * 16
+    (tmp_path / "sub-a_T2w_seg-imsct.json").write_text(json.dumps({
+        "imsct_version": "0.0.9", "command": "imsct segment --t2 sub-a_T2w.nii.gz -o out", "date": "2026-01-05",
+        "models": {"model.pt": {"model": "tumour", "sha256": digest}}}))
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes(b"weights of the tumour model")
+    out = tmp_path / "qc"
+    assert cli(["qc", "--t2", str(t2a), str(t2b), "--seg", str(sega), str(segb), "--models", str(models), "-o", str(out)]) == 0
+    capsys.readouterr()
+    page = (out / "index.html").read_text()
+    manifest = json.loads((out / "report.json").read_text())
+    a, b = page.split('data-subject="sub-a"')[1].split('data-subject="sub-b"')
+    # sub-a: its sidecar's record
+    assert "imsct 0.0.9" in a and "2026-01-05" in a and "imsct segment --t2 sub-a_T2w.nii.gz -o out" in a and f"sha256 {digest}" in a
+    assert manifest["subjects"][0]["provenance"]["source"] == str(tmp_path / "sub-a_T2w_seg-imsct.json")
+    # sub-b: no sidecar, said so; the models folder given to imsct qc, with the file's SHA-256
+    real = hashlib.sha256(b"weights of the tumour model").hexdigest()
+    assert "no sidecar JSON next to the masks" in b and str(tmp_path / "sub-b_T2w_seg-imsct.json") in b
+    assert f"sha256 {real}" in b and "model.pt" in b
+    assert manifest["provenance"]["models"] == {"model.pt": {"model": "tumour", "sha256": real}}
+    # the report's own: version, the command line, the date
+    cmd = manifest["provenance"]["command"]
+    assert cmd.startswith("imsct qc --t2 ") and f"--models {models}" in cmd and cmd in html_unescape(page)
+    assert f"Report: imsct {__version__}" in page
+    # a models folder without model files is refused, naming it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(["qc", "--t2", str(t2a), "--seg", str(sega), "--models", str(empty), "-o", str(tmp_path / "qc2")]) == 2
+    assert f"models folder {empty}: none of" in capsys.readouterr().err
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
