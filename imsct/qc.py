@@ -482,7 +482,9 @@ def models_record(models_dir: str | Path) -> dict[str, dict[str, str]]:
     folder = Path(models_dir)
     if not folder.is_dir():
         raise InputError(f"models folder {folder}: not found or not a folder")
-    found = {m.filename: {"model": key, "sha256": sha256([m.path(folder)])} for key, m in MODELS.items() if m.path(folder).is_file()}
+    from .weights import record
+
+    found = record([key for key, m in MODELS.items() if m.path(folder).is_file()], folder)
     if not found:
         raise InputError(f"models folder {folder}: none of {', '.join(m.filename for m in MODELS.values())} found")
     return found
@@ -499,13 +501,6 @@ def report_provenance(command: str | None = None, models_dir: str | Path | None 
         out["models_dir"] = str(Path(models_dir).resolve())
         out["models"] = models_record(models_dir)
     return out
-
-
-def _first(record: dict, *keys):
-    for k in keys:
-        if record.get(k) not in (None, "", [], {}):
-            return record[k]
-    return None
 
 
 def _models_html(models) -> str:
@@ -532,13 +527,12 @@ def provenance_html(masks: dict | None, report: dict) -> str:
     masks = masks or {"source": None}
     rec = masks.get("record")
     if rec is not None:
-        nested = rec.get("imsct") if isinstance(rec.get("imsct"), dict) else {}
-        version = _first(rec, "imsct_version", "version") or nested.get("version")
-        command = _first(rec, "command", "command_line", "cmd")
-        if isinstance(command, list):
-            command = " ".join(map(str, command))
-        date = _first(rec, "date", "created", "time", "generated")
-        models = _first(rec, "models", "weights")
+        # the sidecar imsct.inference.provenance writes (BIDS GeneratedBy, models by file, command, date)
+        made_by = rec.get("GeneratedBy") if isinstance(rec.get("GeneratedBy"), dict) else {}
+        version = made_by.get("Version")
+        command = rec.get("command")
+        date = rec.get("date")
+        models = rec.get("models")
         parts.append(f'<div><b>masks</b> from <code>{_e(masks["source"])}</code></div>')
         parts.append(f'<div>imsct {_e(version or "version not recorded")}; date {_e(date or "not recorded")}</div>')
         parts.append(f'<div>command <code>{_e(command or "not recorded")}</code></div>')

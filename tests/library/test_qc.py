@@ -504,7 +504,8 @@ def test_provenance_from_sidecar_or_models_folder(tmp_path, capsys):
     segb = save_volume(lab, affine, tmp_path / "sub-b_T2w_seg-imsct.nii.gz")
     digest = "ab12" * 16
     (tmp_path / "sub-a_T2w_seg-imsct.json").write_text(json.dumps({
-        "imsct_version": "0.0.9", "command": "imsct segment --t2 sub-a_T2w.nii.gz -o out", "date": "2026-01-05",
+        # the format imsct.inference.provenance writes
+        "GeneratedBy": {"Name": "imsct", "Version": "0.0.9"}, "command": "imsct segment --t2 sub-a_T2w.nii.gz -o out", "date": "2026-01-05",
         "models": {"model.pt": {"model": "tumour", "sha256": digest}}}))
     models = tmp_path / "models"
     models.mkdir()
