@@ -62,7 +62,12 @@ def main(argv=None) -> int:
     from imsct.phantoms import generate_dataset
 
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     data, cache = work / "train", work / "cache"
+    # every invocation on this work folder (training, resumptions, the final collection), for the record
+    this_command = "python scripts/train_shipped.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    with open(work / "commands.txt", "a") as fh:
+        fh.write(this_command + "\n")
     t0 = time.time()
     if not (data / "participants.tsv").exists():
         generate_dataset(data, args.cases, args.seed, progress=True)
@@ -113,7 +118,8 @@ def main(argv=None) -> int:
     from imsct.phantoms import GENERATOR_VERSION
 
     record = {
-        "command": "python scripts/train_shipped.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": this_command,
+        "commands": (work / "commands.txt").read_text().splitlines(),
         "training_data": {"generator": f"python -m imsct.phantoms --out {data} --cases {args.cases} --seed {args.seed}",
                           "generator_version": GENERATOR_VERSION, "cases": args.cases, "seed": args.seed,
                           "validation_fraction": args.val_fraction,
