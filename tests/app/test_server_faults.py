@@ -676,6 +676,22 @@ def _no_cors_for(r, origin: str) -> None:
     assert "access-control-allow-credentials" not in r.headers, (r.request.method, r.url, dict(r.headers))
 
 
+def _settled(server, studies: Path, timeout: float = 120) -> tuple[dict, dict]:
+    """The studies and temp folders once earlier tests' work is over (a training round, MONAI Label's
+    background removal of temp copies): two snapshots a second apart agree."""
+    tasks = _train_tasks(server.url)
+    if tasks and tasks[-1]["status"] in ("SUBMITTED", "RUNNING"):
+        _wait_train_done(server.url, timeout)
+    deadline = time.monotonic() + timeout
+    snap = (_tree(studies), _tree(server.tmpdir))
+    while True:
+        time.sleep(1.0)
+        again = (_tree(studies), _tree(server.tmpdir))
+        if again == snap or time.monotonic() > deadline:
+            return again
+        snap = again
+
+
 def test_foreign_origin_is_refused_on_every_route_and_nothing_runs(server, data):
     url, studies = server.url, data["studies"]
     routes = _web_routes()
@@ -685,7 +701,7 @@ def test_foreign_origin_is_refused_on_every_route_and_nothing_runs(server, data)
     upload = {"file": ("case-01.nii.gz", (studies / "case-01.nii.gz").read_bytes()),
               "label": ("cord.nii.gz", data["cords"]["case-00"])}
     form = {"params": json.dumps({"overwrite": True}), "info": json.dumps({"by": "a web page"})}
-    before, temp_before = _tree(studies), _tree(server.tmpdir)
+    before, temp_before = _settled(server, studies)
     for method, path in routes:
         for headers in ({"Origin": EVIL}, {"Origin": "null"}):
             kw = {"json": {}} if path.startswith(("/train", "/scoring", "/activelearning", "/batch")) else \
