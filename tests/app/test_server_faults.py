@@ -679,8 +679,8 @@ def _no_cors_for(r, origin: str) -> None:
 def _settled(server, studies: Path, timeout: float = 120) -> tuple[dict, dict]:
     """The studies and temp folders once earlier tests' work is over (a training round, MONAI Label's
     background removal of temp copies): two snapshots a second apart agree."""
-    tasks = _train_tasks(server.url)
-    if tasks and tasks[-1]["status"] in ("SUBMITTED", "RUNNING"):
+    tasks = _train_tasks(server.url)  # a list of tasks, or {} when none ever ran
+    if isinstance(tasks, list) and tasks and tasks[-1]["status"] in ("SUBMITTED", "RUNNING"):
         _wait_train_done(server.url, timeout)
     deadline = time.monotonic() + timeout
     snap = (_tree(studies), _tree(server.tmpdir))
