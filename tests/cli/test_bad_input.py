@@ -387,13 +387,18 @@ def _refused(call, status: tuple[int, ...] = (422,)) -> str:
     return msg
 
 
-@pytest.mark.parametrize("kind", IMAGE_KINDS, ids=lambda k: k.name)
-def test_server_refuses_bad_file(kind, server, case, tmp_path):
-    client = server["client"]
+def _uploads_refused(client, kind, case, tmp_path) -> None:
+    """Both contrasts built as ``kind`` are refused at upload with its message."""
     for role in ROLES:
         bad = kind.build(case[role[:2].lower()], tmp_path / f"bad_{role}.nii.gz", case["affine"])
         msg = _refused(lambda: client.upload_image(str(bad), f"bad-{kind.name}", {"contrast": role}))
         assert f"uploaded {role} of 'bad-{kind.name}'" in msg and kind.expect in msg, msg
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS, ids=lambda k: k.name)
+def test_server_refuses_bad_file(kind, server, case, tmp_path):
+    client = server["client"]
+    _uploads_refused(client, kind, case, tmp_path)
     bad = kind.build(case["truth"], tmp_path / "bad_label.nii.gz", case["affine"])
     msg = _refused(lambda: client.save_label("sub-001", str(bad), tag="final"))
     assert "final label of 'sub-001'" in msg and kind.expect in msg, msg
@@ -420,11 +425,7 @@ def test_server_refuses_bad_labels(server, case, tmp_path):
 
 @pytest.mark.parametrize("kind", IMAGE_ONLY_KINDS, ids=lambda k: k.name)
 def test_server_refuses_images_with_nothing_to_segment(kind, server, case, tmp_path):
-    client = server["client"]
-    for role in ROLES:
-        bad = kind.build(case[role[:2].lower()], tmp_path / f"bad_{role}.nii.gz", case["affine"])
-        msg = _refused(lambda: client.upload_image(str(bad), f"bad-{kind.name}", {"contrast": role}))
-        assert f"uploaded {role} of 'bad-{kind.name}'" in msg and kind.expect in msg, msg
+    _uploads_refused(server["client"], kind, case, tmp_path)
 
 
 @pytest.mark.parametrize("image_id", ["../evil", "a/b", "/tmp/evil", ".hidden", "..\\evil"])
