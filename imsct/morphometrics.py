@@ -215,9 +215,8 @@ def read_labelmap(paths: list[str]):
                              f"(found {float(data.min()):g} to {float(data.max()):g})")
         if labelmap is None:
             labelmap, affine, first = np.zeros(vol.shape, np.uint8), vol.affine, p
-        elif grid_difference(vol, Volume(labelmap, affine)):
-            raise InputError(f"{p}: grid differs from {first}'s ({grid_difference(vol, Volume(labelmap, affine))}); "
-                             "all inputs must be on one grid")
+        elif diff := grid_difference(vol, Volume(labelmap, affine)):
+            raise InputError(f"{p}: grid differs from {first}'s ({diff}); all inputs must be on one grid")
         values = data.astype(np.uint8) if cls is None else (data > 0).astype(np.uint8) * LABELS[cls]
         overlap = (labelmap > 0) & (values > 0)
         if overlap.any():
