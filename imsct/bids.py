@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import InputError, strip_nifti_ext
-from .labels import CORD_BOX_SUFFIX, CORD_SUFFIX, SEG_SUFFIXES
+from .labels import CORD_BOX_SUFFIX, CORD_SUFFIX, DISC_LABELS_SUFFIX, DISCS_SUFFIX, SEG_SUFFIXES
 
 
 @dataclass
@@ -71,7 +71,7 @@ def find_cases(dataset_dir: str | Path, derivatives: str = "derivatives/labels")
         rel = t2.parent.relative_to(root)
         labdir = root / derivatives / rel
         labels = {}
-        for suffix in list(SEG_SUFFIXES.values()) + [CORD_BOX_SUFFIX, CORD_SUFFIX]:
+        for suffix in list(SEG_SUFFIXES.values()) + [CORD_BOX_SUFFIX, CORD_SUFFIX, DISCS_SUFFIX, DISC_LABELS_SUFFIX]:
             for ext in (".nii.gz", ".nii"):
                 p = labdir / f"{name}{suffix}{ext}"
                 if p.exists():

@@ -14,6 +14,8 @@ LABELS: dict[str, int] = {"tumor": 1, "edema": 2, "cavity": 3}
 CLASSES: tuple[str, ...] = ("tumor", "edema", "cavity", "whole-tumor")
 STAGE2_CHANNELS: tuple[str, ...] = CLASSES
 WHOLE = CLASSES[3]
+# outputs of the anatomy network (model 'anatomy'): the tight spinal cord and the intervertebral discs
+ANATOMY_CHANNELS: tuple[str, ...] = ("cord", "discs")
 REPORT_ORDER: tuple[str, ...] = (WHOLE, *CLASSES[:3])  # tables lead with whole tumour
 
 # RGB colours used in viewers and QC overlays.
@@ -29,19 +31,26 @@ LABELMAP_SUFFIX = "_seg-imsct"
 PROB_PREFIX = "_prob-"  # soft outputs: <T2w name>_prob-<class>.nii.gz, float32 in [0, 1]
 CORD_BOX_SUFFIX = "_sc-mask"  # stage-1 target: 30 mm cylinder around the cord centreline
 CORD_SUFFIX = "_seg-cord"  # tight cord mask
+LEVELS_SUFFIX = "_seg-levels"  # vertebral level of each cord voxel (SCT: value = level, 2 = C2, 8 = T1)
+DISCS_SUFFIX = "_seg-discs"  # intervertebral disc tissue (phantom truth; the anatomy network's second output)
+DISC_LABELS_SUFFIX = "_label-discs"  # one voxel per disc on the cord, value = disc number (SCT: 3 = C2/C3)
 
 # Default minimum component volumes kept by post-processing, in cm3 (Lemay et al. 2021).
 MIN_VOLUME_CM3: dict[str, float] = {"tumor": 0.2, "edema": 0.5, "cavity": 0.5}
 
 
-def output_paths(case_name: str, output_dir: str | Path, probabilities: bool = False) -> dict[str, Path]:
+def output_paths(case_name: str, output_dir: str | Path, probabilities: bool = False, anatomy: bool = False) -> dict[str, Path]:
     """Where a case's outputs go: the four SCT-named masks (keys = class names), the label map
-    (``"labelmap"``), its JSON sidecar (``"sidecar"``: provenance) and, with ``probabilities``, the
-    soft maps (``"prob-<class>"``)."""
+    (``"labelmap"``), its JSON sidecar (``"sidecar"``: provenance), with ``probabilities`` the
+    soft maps (``"prob-<class>"``) and with ``anatomy`` the tight cord (``"cord"``), the level map
+    (``"levels"``) and the disc labels (``"discs"``)."""
     out = Path(output_dir)
     paths = {name: out / f"{case_name}{suffix}.nii.gz" for name, suffix in SEG_SUFFIXES.items()}
     paths["labelmap"] = out / f"{case_name}{LABELMAP_SUFFIX}.nii.gz"
     paths["sidecar"] = out / f"{case_name}{LABELMAP_SUFFIX}.json"  # provenance, BIDS-style beside the label map
+    if anatomy:
+        for key, suffix in (("cord", CORD_SUFFIX), ("levels", LEVELS_SUFFIX), ("discs", DISC_LABELS_SUFFIX)):
+            paths[key] = out / f"{case_name}{suffix}.nii.gz"
     if probabilities:
         paths.update({f"prob-{name}": out / f"{case_name}{PROB_PREFIX}{name}.nii.gz" for name in STAGE2_CHANNELS})
     return paths

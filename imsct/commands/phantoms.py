@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", choices=("mixed",) + tuple(STORAGES), default="mixed",
                         help="image data type on disk (default mixed)")
     parser.add_argument("--gm-mask", action="store_true", help="also write the grey-matter label _seg-gm")
+    parser.add_argument("--disc-labels", action="store_true",
+                        help="also write the disc tissue _seg-discs and the disc labels _label-discs (one voxel per disc on "
+                             "the cord, valued by its number, 3 = C2/C3): the truth of the cord-and-levels network")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
         misalign_t1=tuple(args.misalign_t1) if args.misalign_t1 else None, followup_years=args.followup,
         growth=args.growth, motion=tuple(args.motion), healthy_fraction=args.healthy_fraction,
         random_intensity_fraction=args.random_intensity_fraction, acquisition=args.acquisition, storage=args.storage,
-        gm_mask=args.gm_mask,
+        gm_mask=args.gm_mask, disc_labels=args.disc_labels,
     )
     return 0

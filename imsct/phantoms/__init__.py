@@ -31,8 +31,9 @@ import nibabel as nib
 import numpy as np
 
 from ..io import voxel_volume_mm3
-from ..labels import CORD_BOX_SUFFIX, CORD_SUFFIX, LABELS, SEG_SUFFIXES
-from .anatomy import CORD, TISSUES, PhantomSpec, grown, healthy_version, lesion_volumes, random_spec
+from ..labels import CORD_BOX_SUFFIX, CORD_SUFFIX, DISC_LABELS_SUFFIX, DISCS_SUFFIX, LABELS, SEG_SUFFIXES
+from ..levels import disc_label_of
+from .anatomy import CORD, DISC, NUCLEUS, TISSUES, PhantomSpec, grown, healthy_version, lesion_volumes, random_spec
 from .render import (ACQUISITIONS, ORIENTATIONS, STORAGES, Acquisition, Appearance, apply_texture, corrupt_float, encode,
                      label_map, nifti, random_acquisition, random_appearance, render_labels_and_tissue, texture_fields)
 
@@ -110,7 +111,7 @@ def generate_case(
     seed: int, index: int, subject: str | None = None, max_voxels: int = 6_000_000,
     misalign_t1: tuple[float, float] | None = None, *, healthy_fraction: float = DEFAULT_HEALTHY_FRACTION,
     random_intensity_fraction: float = DEFAULT_RANDOM_INTENSITY_FRACTION, acquisition: str = "mixed",
-    storage: str = "mixed", gm_mask: bool = False,
+    storage: str = "mixed", gm_mask: bool = False, disc_labels: bool = False,
 ) -> Case:
     """Draw and render one subject (deterministic in ``seed`` and ``index``).
 
@@ -123,7 +124,10 @@ def generate_case(
     v2 options: ``healthy_fraction`` (share of subjects without lesion, :func:`is_healthy`; 0 gives
     a lesion to every subject), ``random_intensity_fraction`` (share with fully random tissue
     intensities), ``acquisition`` (``mixed`` or one of :data:`ACQUISITIONS`), ``storage``
-    (``mixed`` or one of :data:`STORAGES`), ``gm_mask`` (add the ``_seg-gm`` label).
+    (``mixed`` or one of :data:`STORAGES`), ``gm_mask`` (add the ``_seg-gm`` label),
+    ``disc_labels`` (add ``_seg-discs``, the intervertebral disc tissue, and ``_label-discs``, one
+    voxel per disc on the cord centreline with the disc's number in the Spinal Cord Toolbox's
+    convention, 3 = C2/C3: the truth of the cord-and-levels network).
     """
     healthy = is_healthy(seed, index, healthy_fraction)
     rng, spec, acq = _draw_subject(seed, index, max_voxels, healthy=healthy, acquisition=acquisition)
@@ -133,7 +137,8 @@ def generate_case(
         mrng = np.random.default_rng([int(seed), int(index), MISALIGN_STREAM])
         t1_motion = rigid_motion(mrng, float(misalign_t1[0]), float(misalign_t1[1]), acq.centre)
     sub = subject or f"sub-{index + 1:03d}"
-    return _render_visit(spec, acq, rng, sub, seed, index, t1_motion=t1_motion, app=app, gm_mask=gm_mask)
+    return _render_visit(spec, acq, rng, sub, seed, index, t1_motion=t1_motion, app=app, gm_mask=gm_mask,
+                         disc_labels=disc_labels)
 
 
 def _draw_subject(seed: int, index: int, max_voxels: int, healthy: bool = False,
@@ -170,7 +175,7 @@ def cord_tilt_in_field(spec: PhantomSpec, shape, affine: np.ndarray) -> float:
 def _render_visit(
     spec: PhantomSpec, acq: Acquisition, rng: np.random.Generator, sub: str, seed: int, index: int,
     motion: dict | None = None, t1_motion: dict | None = None, t1_own_grid: bool | None = None,
-    volume_truth: bool = False, app: Appearance | None = None, gm_mask: bool = False,
+    volume_truth: bool = False, app: Appearance | None = None, gm_mask: bool = False, disc_labels: bool = False,
 ) -> Case:
     """Render one visit of ``spec`` on ``acq`` (T2w grid) and a T1w grid drawn from ``rng``.
 
@@ -226,6 +231,14 @@ def _render_visit(
     labels[CORD_SUFFIX] = nifti((fr["cord"] >= 0.5).astype(np.uint8), affine)
     if gm_mask:
         labels[GM_SUFFIX] = nifti(((fr["gm"] >= 0.5) & (fr["cord"] >= 0.5)).astype(np.uint8), affine)
+    discs = disc_truth(spec, shape, affine, np.linalg.inv(to_anatomy))
+    if disc_labels:
+        labels[DISCS_SUFFIX] = nifti(np.isin(fr["code"], (DISC, NUCLEUS)).astype(np.uint8), affine)
+        points = np.zeros(shape, np.uint8)
+        for d in discs:
+            if d["in_field"]:
+                points[tuple(d["voxel"])] = d["label"]
+        labels[DISC_LABELS_SUFFIX] = nifti(points, affine)
     vox = voxel_volume_mm3(affine)
     info = {
         "participant_id": sub,
@@ -247,6 +260,7 @@ def _render_visit(
             for les in spec.lesions
         ],
         "vertebrae": [{"level": n, "z_top_mm": round(a, 2), "z_bottom_mm": round(b, 2)} for n, a, b in spec.levels],
+        "discs": discs,
         "conus_z_mm": spec.conus_z,
         "acquisition": acq.kind, "plane": acq.plane, "storage": app.storage, "intensity_mode": app.mode,
         "gamma": [round(app.gamma2, 4), round(app.gamma1, 4)], "flow_voids": bool(spec.flow_voids > 0),
@@ -271,7 +285,7 @@ def generate_followup(
     seed: int, index: int, years: float, growth: float = 1.5, motion: tuple[float, float] = (5.0, 4.0),
     subject: str | None = None, max_voxels: int = 6_000_000, *,
     random_intensity_fraction: float = DEFAULT_RANDOM_INTENSITY_FRACTION, acquisition: str = "mixed",
-    storage: str = "mixed", gm_mask: bool = False,
+    storage: str = "mixed", gm_mask: bool = False, disc_labels: bool = False,
 ) -> tuple[Case, Case]:
     """Two visits of one subject, ``years`` apart, as BIDS sessions ``ses-01`` and ``ses-02``.
 
@@ -298,7 +312,7 @@ def generate_followup(
     rng1, spec, acq = _draw_subject(seed, index, max_voxels, acquisition=acquisition)
     app = subject_appearance(seed, index, random_intensity_fraction, storage)
     # generate_case's images (with healthy_fraction=0)
-    v1 = _render_visit(spec, acq, rng1, sub, seed, index, volume_truth=True, app=app, gm_mask=gm_mask)
+    v1 = _render_visit(spec, acq, rng1, sub, seed, index, volume_truth=True, app=app, gm_mask=gm_mask, disc_labels=disc_labels)
     rng = np.random.default_rng([int(seed), int(index), FOLLOWUP_STREAM])
     move = rigid_motion(rng, float(motion[0]), float(motion[1]), acq.centre)
     m = np.asarray(move["motion_ras"])
@@ -320,7 +334,8 @@ def generate_followup(
     day1 = np.datetime64("2019-01-07") + int(rng.integers(0, 1000))
     day2 = day1 + int(round(years * 365.25))
     spec2 = grown(spec, growth)
-    v2 = _render_visit(spec2, acq2, rng, sub, seed, index, motion=move, t1_own_grid=False, volume_truth=True, app=app, gm_mask=gm_mask)
+    v2 = _render_visit(spec2, acq2, rng, sub, seed, index, motion=move, t1_own_grid=False, volume_truth=True, app=app,
+                       gm_mask=gm_mask, disc_labels=disc_labels)
     true1, true2 = v1.info["true_volumes_mm3"], v2.info["true_volumes_mm3"]
     elapsed = float((day2 - day1) / np.timedelta64(1, "D")) / 365.25
     for case, ses, day in ((v1, "ses-01", day1), (v2, "ses-02", day2)):
@@ -333,6 +348,23 @@ def generate_followup(
         "true_volume_ratio": {k: (true2[k] / true1[k] if true1[k] > 0 else None) for k in true1},
     }
     return v1, v2
+
+
+def disc_truth(spec: PhantomSpec, shape, affine: np.ndarray, to_world: np.ndarray) -> list[dict]:
+    """Every intervertebral disc of ``spec`` as the Spinal Cord Toolbox labels it: its number
+    (3 = C2/C3, :func:`imsct.levels.disc_label_of`), the world point of the cord centreline at the
+    disc's mid-height (``to_world``: anatomy to world, the patient's motion), and that point's
+    voxel on the grid ``(shape, affine)`` with whether it lies inside the field."""
+    out = []
+    inv = np.linalg.inv(affine)
+    for (name, _, _), (top, bottom) in zip(spec.levels, spec.discs):
+        p = spec.centreline(np.array([(top + bottom) / 2]))[0].astype(np.float64)
+        world = to_world[:3, :3] @ p + to_world[:3, 3]
+        ijk = np.rint(inv[:3, :3] @ world + inv[:3, 3]).astype(int)
+        inside = bool(((ijk >= 0) & (ijk < np.asarray(shape[:3]))).all())
+        out.append({"label": disc_label_of(name), "above": name, "world_mm": [round(float(v), 3) for v in world],
+                    "voxel": [int(v) for v in ijk], "in_field": inside})
+    return out
 
 
 def _coverage(spec: PhantomSpec, acq: Acquisition, to_anatomy: np.ndarray | None = None) -> str:
@@ -385,7 +417,7 @@ def generate_dataset(
     misalign_t1: tuple[float, float] | None = None, followup_years: float | None = None, growth: float = 1.5,
     motion: tuple[float, float] = (5.0, 4.0), *, healthy_fraction: float = DEFAULT_HEALTHY_FRACTION,
     random_intensity_fraction: float = DEFAULT_RANDOM_INTENSITY_FRACTION, acquisition: str = "mixed",
-    storage: str = "mixed", gm_mask: bool = False,
+    storage: str = "mixed", gm_mask: bool = False, disc_labels: bool = False,
 ) -> list[dict]:
     """Write ``cases`` subjects (indices ``start`` .. ``start + cases - 1``) and participants.tsv.
 
@@ -396,7 +428,7 @@ def generate_dataset(
     :func:`generate_case`; ``healthy_fraction=0`` gives every subject a lesion.
     """
     v2 = {"random_intensity_fraction": random_intensity_fraction, "acquisition": acquisition, "storage": storage,
-          "gm_mask": gm_mask}
+          "gm_mask": gm_mask, "disc_labels": disc_labels}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     infos = []
