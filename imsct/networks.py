@@ -151,3 +151,9 @@ def localiser(**kw) -> ModifiedUNet3D:
 def tumour_network(**kw) -> PatchNormalised:
     """Stage 2: [T2w, T1w] in, [tumour, edema, cavity, whole tumour] out; 16 base filters."""
     return PatchNormalised(ModifiedUNet3D(in_channels=2, out_channels=4, base_filters=16, **kw))
+
+
+def anatomy_network(**kw) -> PatchNormalised:
+    """Stage 3: T2w in, [tight cord, intervertebral discs] out; 8 base filters, z-scored per patch
+    like stage 2 (it runs on stage 2's box with the same windows)."""
+    return PatchNormalised(ModifiedUNet3D(in_channels=1, out_channels=2, base_filters=8, **kw))

@@ -19,14 +19,19 @@ from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
 from .precision import use_bf16
 from .geometry import WORKING_SPACING, crop_or_pad, resample_image, to_working, working_grid
 from .io import Volume, load_image, load_volume, replace_atomically
-from .labels import CORD_BOX_SUFFIX, LABELS, SEG_SUFFIXES
+from .labels import ANATOMY_CHANNELS, CORD_BOX_SUFFIX, CORD_SUFFIX, DISCS_SUFFIX, LABELS, SEG_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 
+# anatomy targets (stage 3) and the label files they come from
+ANATOMY_SUFFIXES = {"tight_cord": CORD_SUFFIX, "discs": DISCS_SUFFIX}
+
+
 def prepare_case(case: Case, cache_dir: str | Path) -> Path:
     """Working-grid arrays of one labelled case: t2, t1 (on the T2w's working grid), the label map
-    (0..3) and the stage-1 target. Cached as ``<cache>/<name>.npz``."""
+    (0..3), the stage-1 target and, where the case has them (phantoms made with ``--disc-labels``),
+    the anatomy targets (tight cord, disc tissue). Cached as ``<cache>/<name>.npz``."""
     out = Path(cache_dir) / f"{case.name}.npz"
     if out.exists():
         return out
@@ -36,14 +41,19 @@ def prepare_case(case: Case, cache_dir: str | Path) -> Path:
     for name, value in LABELS.items():
         lab[load_volume(case.labels[SEG_SUFFIXES[name]], name).data > 0.5] = value
     sc = load_volume(case.labels[CORD_BOX_SUFFIX], "cord mask").data > 0.5
-    return write_working_arrays(out, t2, t1, lab, sc)
+    extra = {}
+    if all(s in case.labels for s in ANATOMY_SUFFIXES.values()):
+        extra = {k: load_volume(case.labels[s], k).data > 0.5 for k, s in ANATOMY_SUFFIXES.items()}
+    return write_working_arrays(out, t2, t1, lab, sc, extra)
 
 
 def write_working_arrays(out: str | Path, t2: Volume, t1: Volume, label: np.ndarray,
-                         cord: np.ndarray | Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Path:
+                         cord: np.ndarray | Callable[[np.ndarray, np.ndarray], np.ndarray],
+                         extra: dict[str, np.ndarray] | None = None) -> Path:
     """The training cache of one case (``.npz`` with t2, t1, label, cord, affine on the T2w's
     working grid), written atomically. ``label`` (0..3) is on the T2w grid; ``cord`` is the stage-1
-    target on the T2w grid, or a function ``(t2_working, label_working) -> cord_working``."""
+    target on the T2w grid, or a function ``(t2_working, label_working) -> cord_working``;
+    ``extra``: more binary masks on the T2w grid, cached under their keys (the anatomy targets)."""
     out = Path(out)
     w_shape, w_aff = working_grid(t2.affine, t2.shape, WORKING_SPACING)
     t2w = resample_image(t2.data, t2.affine, w_shape, w_aff).numpy().astype(np.float32)
@@ -54,6 +64,8 @@ def write_working_arrays(out: str | Path, t2: Volume, t1: Volume, label: np.ndar
         cord_w = to_working(np.asarray(cord).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
     arrays = {"t2": t2w, "t1": resample_image(t1.data, t1.affine, w_shape, w_aff).numpy().astype(np.float32),
               "label": label_w, "cord": cord_w, "affine": w_aff}
+    for key, mask in (extra or {}).items():
+        arrays[key] = to_working(np.asarray(mask).astype(np.uint8), t2.affine, w_shape, w_aff, label=True)
     replace_atomically(out, lambda fh: np.savez(fh, **arrays))  # uncompressed: read at every step; ranks may race
     return out
 
@@ -134,6 +146,27 @@ def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion:
     return np.concatenate([x, valid[None]]), y
 
 
+def anatomy_target(d) -> np.ndarray:
+    """The anatomy network's targets, one channel per :data:`imsct.labels.ANATOMY_CHANNELS`."""
+    missing = [k for k in ANATOMY_SUFFIXES if k not in d]
+    if missing:
+        raise ValueError(f"training cache lacks the anatomy targets {missing}: make the phantoms with --disc-labels "
+                         "and use a fresh cache folder")
+    return np.stack([d[k] for k in ANATOMY_SUFFIXES]).astype(np.float32)
+
+
+def anatomy_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """A patch of [T2w, validity] inside the true cord box with its [cord, discs] targets (stage 3:
+    the anatomy network sees what stage 2 sees, without the T1w), centred on a cord voxel."""
+    d = np.load(npz)
+    sl = stage2_region(d)
+    img, tgt = d["t2"][sl][None], anatomy_target(d)[(slice(None), *sl)]
+    idx = np.argwhere(tgt[0] > 0)
+    centre = idx[rng.integers(len(idx))] if len(idx) else None
+    x, y, valid = _random_crop([img, tgt], patch, rng, centre, pad="replicate")
+    return np.concatenate([x, valid[None]]), y
+
+
 def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, prob: float,
              validity: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Random affine of the paper (rotation +-5 deg, scaling +-10 %, translation +-3 %), applied to a
@@ -200,7 +233,8 @@ class PatchDataset(torch.utils.data.Dataset):
     """``samples`` random training patches per epoch, read from the cached cases at each access
     (nothing held in memory). Stage 1: crops of the localiser's field around the cord; stage 2:
     lesion-centred patches inside the cord box; stage 0: the same over the whole field (the
-    single-network baseline). Random affine augmentation per sample.
+    single-network baseline); stage 3: cord-centred [T2w, validity] patches inside the cord box
+    with the anatomy targets (:func:`anatomy_sample`). Random affine augmentation per sample.
 
     ``t1_dropout``: probability that a stage-2 sample's T1w channel is replaced by zeros (modality
     dropout); 1.0 trains the T2w-only network that ``--t2-only`` runs (a constant channel is zero
@@ -223,6 +257,8 @@ class PatchDataset(torch.utils.data.Dataset):
         f = self.files[int(rng.integers(len(self.files)))]
         if self.stage == 1:
             x, y = stage1_sample(f, rng, self.patch)
+        elif self.stage == 3:
+            x, y = anatomy_sample(f, rng, self.patch)
         else:  # stage 2, or stage 0: one network on the whole field (no cascade)
             x, y = stage2_sample(f, rng, self.patch, self.p_lesion, crop_to_cord=self.stage == 2)
             if self.t1_dropout > 0 and rng.random() < self.t1_dropout:
@@ -247,6 +283,10 @@ class ValidationDataset(torch.utils.data.Dataset):
         f = self.files[index]
         if self.stage == 1:
             x, y = stage1_sample(f, np.random.default_rng(0), None)
+        elif self.stage == 3:
+            d = np.load(f)
+            sl = stage2_region(d)
+            x, y = d["t2"][sl][None], anatomy_target(d)[(slice(None), *sl)]
         else:
             d = np.load(f)
             sl = stage2_region(d, crop_to_cord=self.stage == 2)

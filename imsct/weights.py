@@ -9,6 +9,7 @@ key                file                 stage  inputs      outputs
 ``localiser``      ``localiser.pt``     1      T2w         cord region
 ``tumour``         ``model.pt``         2      T2w, T1w    tumour, edema, cavity, whole tumour
 ``tumour_t2only``  ``model_t2only.pt``  2      T2w, zeros  tumour, edema, cavity, whole tumour
+``anatomy``        ``anatomy.pt``       3      T2w         tight spinal cord, intervertebral discs
 =================  ===================  =====  ==========  ==============================================
 
 Weights are float16 state dicts (half the size), loaded back as float32 on any device.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .io import InputError, replace_atomically
-from .labels import STAGE2_CHANNELS
+from .labels import ANATOMY_CHANNELS, STAGE2_CHANNELS
 
 if TYPE_CHECKING:  # torch loads only when a network is built: `imsct --help` and input checks stay fast
     import torch
@@ -63,6 +64,12 @@ def _tumour() -> torch.nn.Module:
     return tumour_network()
 
 
+def _anatomy() -> torch.nn.Module:
+    from .networks import anatomy_network
+
+    return anatomy_network()
+
+
 MODELS: dict[str, ModelFile] = {m.key: m for m in (
     ModelFile("localiser", "localiser.pt", 1, ("T2w",), ("cord",), _localiser,
               "stage 1: spinal cord region on the T2w (8 base filters)"),
@@ -70,10 +77,20 @@ MODELS: dict[str, ModelFile] = {m.key: m for m in (
               "stage 2: tumour, edema, cavity, whole tumour from T2w + Gd-T1w (16 base filters)"),
     ModelFile("tumour_t2only", "model_t2only.pt", 2, ("T2w", "T1w (always zero)"), STAGE2_CHANNELS, _tumour,
               "stage 2 without the T1w: fine-tuned from 'tumour' with the T1w channel zeroed"),
+    ModelFile("anatomy", "anatomy.pt", 3, ("T2w",), ANATOMY_CHANNELS, _anatomy,
+              "stage 3: tight spinal cord and intervertebral discs on stage 2's box (8 base filters): "
+              "the cord mask and vertebral levels"),
 )}
 
 # the models a cascade needs, per mode
 CASCADE_MODELS = {False: ("localiser", "tumour"), True: ("localiser", "tumour_t2only")}
+OPTIONAL_MODELS = ("anatomy",)  # used when their file is in the models folder (cord mask and levels)
+
+
+def cascade_keys(t2_only: bool, models_dir: str | Path | None = None) -> tuple[str, ...]:
+    """The models a cascade of ``models_dir`` runs: the required pair of its mode and the optional
+    ones present there."""
+    return (*CASCADE_MODELS[bool(t2_only)], *(k for k in OPTIONAL_MODELS if path(k, models_dir).is_file()))
 
 
 def spec(key: str) -> ModelFile:
@@ -84,9 +101,12 @@ def spec(key: str) -> ModelFile:
 
 
 def stage_model(stage: int, t2_only: bool = False) -> ModelFile:
-    """The model a training stage produces (1: localiser, 2: the tumour network, or its T2w-only variant)."""
-    if stage not in (1, 2):
-        raise ValueError(f"stage {stage}: expected 1 or 2")
+    """The model a training stage produces (1: localiser, 2: the tumour network, or its T2w-only
+    variant, 3: the anatomy network)."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage {stage}: expected 1, 2 or 3")
+    if stage == 3:
+        return MODELS["anatomy"]
     return MODELS["localiser" if stage == 1 else ("tumour_t2only" if t2_only else "tumour")]
 
 
