@@ -31,8 +31,12 @@ demo: setup
 serve: setup
 	$(PY) apps/imsct_label/serve.py --studies $(DEMO)/label_studies --demo-cases 3 --port 8000
 
+# one pytest-xdist worker per core, at most 4 (each worker loads the networks and may start servers);
+# whole files go to one worker, so a module's server or trained checkpoint is made once
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: setup
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

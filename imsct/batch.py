@@ -45,6 +45,12 @@ def derivative_folder(case: Case, dataset_dir: Path, out_root: Path) -> Path:
 def up_to_date(case: Case, folder: Path, probabilities: bool) -> dict | None:
     """The sidecar of a case whose outputs are all there and newer than its inputs, else None."""
     paths = output_paths(case.name, folder, probabilities)
+    sidecar = paths["sidecar"]
+    if sidecar.is_file():  # the outputs the last run wrote (the cord and levels too, when it had them)
+        try:
+            paths.update({k: folder / Path(v).name for k, v in json.loads(sidecar.read_text()).get("outputs", {}).items()})
+        except (OSError, ValueError, AttributeError):
+            return None
     if not all(p.is_file() for p in paths.values()):
         return None
     inputs = [p for p in (case.t2, case.t1) if p.is_file()]
@@ -117,8 +123,8 @@ def segment_dataset(dataset_dir: str | Path, out_root: str | Path | None, cascad
     if not cases:
         raise InputError(f"dataset folder {dataset_dir}: no sub-*/[ses-*/]anat/*_T2w.nii[.gz] found")
     out_root = check_writable_folder(Path(out_root) if out_root else dataset_dir / "derivatives" / "imsct")
-    keys = weights.CASCADE_MODELS[bool(cascade_kw.get("t2_only"))]
-    weights.check_present(keys, cascade_kw.get("models_dir"))
+    weights.check_present(weights.CASCADE_MODELS[bool(cascade_kw.get("t2_only"))], cascade_kw.get("models_dir"))
+    keys = weights.cascade_keys(bool(cascade_kw.get("t2_only")), cascade_kw.get("models_dir"))
     out_root.mkdir(parents=True, exist_ok=True)
     dataset_description(out_root, dataset_dir, weights.record(keys, cascade_kw.get("models_dir")))
 

@@ -138,6 +138,20 @@ class CascadeResult:
     working_affine: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     t1_coverage: float | None = None  # share of the stage-2 box inside the T1w's field (None: T2w-only)
+    t1_missing: dict | None = None  # where the cord region lacked a T1w (no lesion is called there), None if nowhere
+    anatomy: "Anatomy | None" = None  # tight cord, level map and discs (when the cascade has the anatomy network)
+
+
+@dataclass
+class Anatomy:
+    """The anatomy network's outputs on the T2w grid: the tight cord mask, the vertebral level map
+    (SCT numbers on the cord, :mod:`imsct.levels`), one voxel per disc valued by its number, and
+    the summary of how the levels were found."""
+
+    cord: np.ndarray
+    levels: np.ndarray
+    disc_labels: np.ndarray
+    summary: dict
 
 
 def _no_hook(_stage: str) -> None:
@@ -175,6 +189,7 @@ class Cascade:
         cord_margin_mm: float = CORD_MARGIN_MM,
         backend: str | None = None,
         models: dict | None = None,
+        anatomy: torch.nn.Module | None = None,
     ):
         self.device = torch.device(device)
         # the weights files and their SHA-256 (from_models fills it in; outputs' sidecars record it)
@@ -183,6 +198,8 @@ class Cascade:
         # segmenter=None: a localiser-only cascade (continual learning's stage-1 rounds)
         self.localiser = localiser.to(self.device).eval() if localiser is not None else None
         self.segmenter = segmenter.to(self.device).eval() if segmenter is not None else None
+        # anatomy=None: no tight cord, no levels (a models folder without anatomy.pt)
+        self.anatomy = anatomy.to(self.device).eval() if anatomy is not None else None
         # every stage-2 window goes through the padding-safe rule of imsct.windows (a plain MONAI
         # SlidingWindowInferer given here is converted with its settings)
         self.inferer = padding_safe(inferer) if inferer is not None else sliding_window_inferer()
@@ -230,6 +247,10 @@ class Cascade:
         amp = kw.pop("amp", {"auto": "auto", "float32": False, "bfloat16": True}[precision])
         bf16 = use_bf16(amp, torch.device(device))
         loc, seg = (weights.load_backend(k, models_dir, backend, bf16=bf16) for k in keys)
+        anatomy = None
+        if kw.pop("with_anatomy", True) and "anatomy" in weights.cascade_keys(t2_only, models_dir):
+            anatomy = weights.load_backend("anatomy", models_dir, backend, bf16=bf16)
+            keys = (*keys, "anatomy")
         if backend == "openvino" and "inferer" not in kw:
             # one window per call: as fast as four through OpenVINO (paper-sized case, AVX2: 1.62 vs 1.65 s)
             # and 0.5 GiB less memory (1.70 vs 2.22 GiB)
@@ -237,7 +258,7 @@ class Cascade:
         # an exported graph runs in its own precision (OpenVINO: bf16 as asked; the others float32)
         label = backend + (" bf16" if bf16 and backend in ("eager", "openvino") else "")
         return cls(loc, seg, device=device, t2_only=t2_only, amp=amp if backend == "eager" else False, backend=label,
-                   models=weights.record(keys, models_dir), **kw)
+                   models=weights.record(keys, models_dir), anatomy=anatomy, **kw)
 
     def settings(self) -> dict:
         """What made this cascade's masks, for provenance: models, runtime and every option that
@@ -313,23 +334,74 @@ class Cascade:
     def stage2_input(self, t2w: np.ndarray, w_aff: np.ndarray, box, t1: Volume | None) -> tuple[np.ndarray, float]:
         """The ``(2, ...)`` stage-2 crop of ``box``: the working T2w and the T1w resampled inside
         the box only (zeros for the T2w-only model), and the share of the box the T1w covers."""
+        crop, overlap = self._stage2_input(t2w, w_aff, box, t1)
+        return crop, float(overlap.mean())
+
+    def _stage2_input(self, t2w: np.ndarray, w_aff: np.ndarray, box, t1: Volume | None) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = box
         t2_crop = t2w[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
         if self.t2_only:
-            return np.stack([t2_crop, np.zeros_like(t2_crop)]), 1.0
+            return np.stack([t2_crop, np.zeros_like(t2_crop)]), np.ones(t2_crop.shape, np.float32)
         box_shape, box_aff = t2_crop.shape, shifted(w_aff, lo)
         t1_crop = resample_image(t1.data, t1.affine, box_shape, box_aff).numpy()
-        coverage = float(field_overlap(t1.shape, t1.affine, box_shape, box_aff).numpy().mean())
-        return np.stack([t2_crop, t1_crop]), coverage
+        overlap = field_overlap(t1.shape, t1.affine, box_shape, box_aff).numpy()
+        return np.stack([t2_crop, t1_crop]), overlap
 
     @torch.no_grad()
-    def segment_crop(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
+    def segment_crop(self, image: np.ndarray, progress: bool = False, network: torch.nn.Module | None = None) -> np.ndarray:
         """Stage 2 by Gaussian-blended sliding window on a ``(2, ...)`` crop: ``(4, ...)`` probabilities.
-        Windows are fitted to the crop and never hold zero padding (:mod:`imsct.windows`)."""
+        Windows are fitted to the crop and never hold zero padding (:mod:`imsct.windows`).
+        ``network``: another network on the same windows (the anatomy network, on the T2w channel)."""
         inferer = self.inferer.with_progress() if progress else self.inferer  # a progress bar for this call only
         with self._autocast():
-            logits = inferer(torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device), self.segmenter)
+            logits = inferer(torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device), network or self.segmenter)
         return torch.sigmoid(logits.float())[0].cpu().numpy()
+
+    def find_anatomy(self, t2w_crop: np.ndarray, box, w: Working, t2: Volume,
+                     disc_label: tuple[np.ndarray, int] | None = None) -> Anatomy:
+        """The anatomy network on stage 2's box (T2w only, the same windows): the tight cord (largest
+        component) and the disc probability on the working grid, the levels found from them
+        (:func:`imsct.levels.find_levels`; ``disc_label``: one disc the user identified, (world
+        point, number)), all brought onto the T2w grid."""
+        from scipy import ndimage
+
+        from .levels import find_levels
+
+        lo, hi = (np.asarray(v) for v in box)
+        probs = self.segment_crop(t2w_crop[None], network=self.anatomy)
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        cord_w = np.zeros(w.shape, np.uint8)
+        cord_w[sl] = largest_component(probs[0] > self.threshold)
+        disc_w = np.zeros(w.shape, np.float32)
+        disc_w[sl] = probs[1]
+        levels = find_levels(cord_w, disc_w, w.affine, disc_label, self.threshold)
+        # onto the T2w grid: the cord from its probability (trilinear), inside the box's covering region
+        cord_native = np.zeros(t2.shape[:3], np.uint8)
+        levels_native = np.zeros(t2.shape[:3], np.uint8)
+        n_lo, n_hi = covering_box(lo, hi, w.affine, t2.shape, t2.affine)
+        if (n_hi > n_lo).all() and cord_w.any():
+            n_sl = tuple(slice(int(a), int(b)) for a, b in zip(n_lo, n_hi))
+            sub_shape, sub_aff = tuple(int(b - a) for a, b in zip(n_lo, n_hi)), shifted(t2.affine, n_lo)
+            p = resample(probs[:1], shifted(w.affine, lo), sub_shape, sub_aff).numpy()[0]
+            cord_sub = largest_component(p > self.threshold)
+            lv = to_working(levels.level_map, w.affine, sub_shape, sub_aff, label=True)
+            if cord_sub.any() and lv.any():
+                # every cord voxel takes the level of the nearest labelled one (grids differ at the edges)
+                _, nearest = ndimage.distance_transform_edt(lv == 0, return_indices=True)
+                lv = lv[tuple(nearest)]
+                # but not where the working map left the level unknown (beyond the outermost discs)
+                known = to_working((levels.level_map > 0).astype(np.uint8) | (1 - cord_w), w.affine, sub_shape, sub_aff,
+                                   label=True) > 0
+                lv = np.where(known, lv, 0)
+            cord_native[n_sl] = cord_sub
+            levels_native[n_sl] = np.where(cord_sub > 0, lv, 0)
+        discs_native = np.zeros(t2.shape[:3], np.uint8)
+        inv = np.linalg.inv(t2.affine)
+        for d in levels.discs:
+            ijk = np.rint(inv[:3, :3] @ d.world + inv[:3, 3]).astype(int)
+            if ((ijk >= 0) & (ijk < np.asarray(t2.shape[:3]))).all():
+                discs_native[tuple(ijk)] = d.label
+        return Anatomy(cord_native, levels_native, discs_native, levels.summary())
 
     def to_native(self, probs_crop: np.ndarray, box, w_aff: np.ndarray, t2: Volume,
                   keep_probabilities: bool = False, cord: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -413,12 +485,17 @@ class Cascade:
 
     def __call__(self, t2: Volume, t1: Volume | None, *, cord: Volume | np.ndarray | None = None,
                  keep_probabilities: bool | None = None, on_stage: Callable[[str], None] | None = None,
-                 progress: bool = False) -> CascadeResult:
+                 progress: bool = False, disc_label: tuple[np.ndarray, int] | None = None) -> CascadeResult:
         """Segment one case. ``cord``: a cord mask on the T2w grid that replaces stage 1 (an
         annotator's); ``keep_probabilities``: also return the probabilities on the T2w grid
         (default: the constructor's); ``on_stage``: called with "localise", "segment",
-        "postprocess" as each stage starts and "done" at the end; ``progress``: a progress bar
-        over the sliding windows."""
+        "postprocess" (and "anatomy" when the cascade has the anatomy network) as each stage starts
+        and "done" at the end; ``progress``: a progress bar over the sliding windows;
+        ``disc_label``: ``(world point, disc number)`` of one disc, to number the levels from.
+
+        Where the T1w does not cover the stage-2 box, stage 2 saw no contrast there: its
+        probabilities are set to zero in that part (no lesion is called from a T2w alone by the
+        two-contrast network) and ``t1_missing`` says which part of the cord region it was."""
         if t1 is None and not self.t2_only:
             raise InputError(f"T2w {t2.path}: no T1w given; this model needs both contrasts (use the T2w-only model)")
         keep = self.keep_probabilities if keep_probabilities is None else bool(keep_probabilities)
@@ -439,7 +516,8 @@ class Cascade:
             log.warning("%s: no spinal cord found by stage 1; segmenting the whole field%s", t2.path,
                         " without the cord constraint" if self.cord_constraint else "")
         t0 = time.perf_counter()
-        crop, coverage = self.stage2_input(w.data, w.affine, box, t1)
+        crop, overlap = self._stage2_input(w.data, w.affine, box, t1)
+        coverage, inside = float(overlap.mean()), overlap > 0.5
         if coverage < self.min_t1_coverage:
             raise InputError(
                 f"T1w {t1.path}: covers only {coverage:.0%} of the spinal cord region found on T2w {t2.path}; "
@@ -450,12 +528,22 @@ class Cascade:
         stage("segment")
         t0 = time.perf_counter()
         probs_crop = self.segment_crop(crop, progress=progress)
+        missing = None
+        if not inside.all():
+            probs_crop[:, ~inside] = 0.0
+            missing = self._t1_missing(inside, box, cord_w, w)
         tm["segment"] = time.perf_counter() - t0
 
         stage("postprocess")
         t0 = time.perf_counter()
         labelmap, probs = self.to_native(probs_crop, box, w.affine, t2, keep, cord_w if self.cord_constraint else None)
         tm["postprocess"] = time.perf_counter() - t0
+        anatomy = None
+        if self.anatomy is not None:
+            stage("anatomy")
+            t0 = time.perf_counter()
+            anatomy = self.find_anatomy(crop[0], box, w, t2, disc_label)
+            tm["anatomy"] = time.perf_counter() - t0
         stage("done")
         return CascadeResult(
             labelmap=labelmap,
@@ -469,8 +557,26 @@ class Cascade:
             working_affine=w.affine,
             timings=tm,
             t1_coverage=None if self.t2_only else coverage,
+            t1_missing=missing,
+            anatomy=anatomy,
         )
 
+    @staticmethod
+    def _t1_missing(inside: np.ndarray, box, cord_w: np.ndarray, w: Working) -> dict | None:
+        """Which part of the cord region (the stage-1 mask in the box, else the box) lies outside the
+        T1w's field: its share and its world superior-inferior range (mm)."""
+        lo, hi = (np.asarray(v) for v in box)
+        region = cord_w[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] > 0
+        if not region.any():
+            region = np.ones(inside.shape, bool)
+        out = region & ~inside
+        if not out.any():
+            return None
+        ijk = np.argwhere(out) + lo
+        z = (ijk @ w.affine[:3, :3].T + w.affine[:3, 3])[:, 2]
+        return {"share_of_cord_region": round(float(out.sum() / region.sum()), 4),
+                "z_range_mm": [round(float(z.min()), 1), round(float(z.max()), 1)]}
 
-__all__ = ["Cascade", "CascadeResult", "Working", "stage1_input", "cord_box", "zscore", "sliding_window_inferer",
+
+__all__ = ["Cascade", "CascadeResult", "Anatomy", "Working", "stage1_input", "cord_box", "zscore", "sliding_window_inferer",
            "cord_region", "CORD_CONSTRAINT", "CORD_MARGIN_MM", "STAGE1_FIELD", "ROI_SIZE", "SAFETY_FACTOR", "THRESHOLD", "SW_OVERLAP", "SW_BATCH_SIZE", "SW_MODE", "LABELS"]

@@ -28,15 +28,20 @@ log = logging.getLogger("imsct")
 
 
 def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, output_dir: str | Path,
-                  probabilities: np.ndarray | None = None, sidecar: dict | None = None) -> tuple[dict[str, Path], dict[str, float]]:
+                  probabilities: np.ndarray | None = None, sidecar: dict | None = None,
+                  anatomy=None) -> tuple[dict[str, Path], dict[str, float]]:
     """Write the four SCT-named binary masks and the label map together (all or nothing), and with
-    ``probabilities`` ((4, ...) on the same grid) the per-class maps ``<name>_prob-<class>``, and with
-    ``sidecar`` the label map's JSON sidecar (that dict plus the volumes); returns the paths written
-    and the volume of each class in cm3."""
+    ``probabilities`` ((4, ...) on the same grid) the per-class maps ``<name>_prob-<class>``, with
+    ``sidecar`` the label map's JSON sidecar (that dict plus the volumes), with ``anatomy`` (a
+    :class:`imsct.cascade.Anatomy`) the tight cord, the level map and the disc labels; returns
+    the paths written and the volume of each class in cm3."""
     masks = split_masks(labelmap)
-    paths = output_paths(case_name, output_dir, probabilities is not None)
+    paths = output_paths(case_name, output_dir, probabilities is not None, anatomy is not None)
     items = [(masks[k].astype(np.uint8), affine, paths[k], np.uint8) for k in SEG_SUFFIXES]
     items.append((labelmap, affine, paths["labelmap"], np.uint8))
+    if anatomy is not None:
+        items += [(anatomy.cord, affine, paths["cord"], np.uint8), (anatomy.levels, affine, paths["levels"], np.uint8),
+                  (anatomy.disc_labels, affine, paths["discs"], np.uint8)]
     if probabilities is not None:
         for i, name in enumerate(STAGE2_CHANNELS):
             items.append((probabilities[i].astype(np.float32), affine, paths[f"prob-{name}"], np.float32))
@@ -44,7 +49,8 @@ def write_outputs(labelmap: np.ndarray, affine: np.ndarray, case_name: str, outp
     volumes = {k: float(m.sum()) * vox / 1000.0 for k, m in masks.items()}
     texts = []
     if sidecar is not None:
-        doc = {**sidecar, "volumes_cm3": {k: round(v, 4) for k, v in volumes.items()}}
+        doc = {**sidecar, "volumes_cm3": {k: round(v, 4) for k, v in volumes.items()},
+               "outputs": {k: p.name for k, p in paths.items() if k != "sidecar"}}
         texts.append((json.dumps(doc, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)), paths["sidecar"]))
     else:
         paths.pop("sidecar")
@@ -63,7 +69,8 @@ def provenance(cascade: Cascade, inputs: dict[str, str | Path | None], **extra) 
 
 
 def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path | None, output_dir: str | Path, name: str | None = None,
-                 probabilities: bool = False, register_t1: bool = False, extra: dict | None = None) -> dict:
+                 probabilities: bool = False, register_t1: bool = False, extra: dict | None = None,
+                 disc_label: tuple[np.ndarray, int] | None = None) -> dict:
     """Segment one T2w + T1w pair and write the SCT-named masks and the label map on the T2w grid.
 
     ``t1_path`` may be None (or is ignored) when the cascade is T2w-only; ``probabilities`` also
@@ -82,34 +89,37 @@ def segment_case(cascade: Cascade, t2_path: str | Path, t1_path: str | Path | No
     if not cascade.t2_only:
         t1 = load_image(t1_path, "T1w")
     return segment_volumes(cascade, t2, t1, output_dir, name or strip_nifti_ext(t2_path.name), probabilities, register_t1,
-                           extra=extra)
+                           extra=extra, disc_label=disc_label)
 
 
 def segment_volumes(cascade: Cascade, t2: Volume, t1: Volume | None, output_dir: str | Path, name: str,
                     probabilities: bool = False, register_t1: bool = False, on_stage=None, progress: bool = False,
-                    extra: dict | None = None) -> dict:
+                    extra: dict | None = None, disc_label: tuple[np.ndarray, int] | None = None) -> dict:
     """:func:`segment_case` on images already loaded (and checked) by :func:`imsct.io.load_image`;
-    ``on_stage`` and ``progress`` are passed to the cascade's call; ``extra`` goes into the
-    outputs' sidecar (e.g. the command line)."""
+    ``on_stage``, ``progress`` and ``disc_label`` are passed to the cascade's call; ``extra`` goes
+    into the outputs' sidecar (e.g. the command line)."""
     t0 = time.perf_counter()
     registration = None
     if register_t1 and t1 is not None:
         from .registration import register_t1_to_t2
 
         t1, registration = register_t1_to_t2(t2, t1)
-    res = cascade(t2, t1, keep_probabilities=probabilities or None, on_stage=on_stage, progress=progress)
+    res = cascade(t2, t1, keep_probabilities=probabilities or None, on_stage=on_stage, progress=progress,
+                  disc_label=disc_label)
     seconds = round(time.perf_counter() - t0, 2)
     sidecar = provenance(cascade, {"T2w": t2.path if t2.path != "<memory>" else None,
                                    "T1w": t1.path if t1 is not None and t1.path != "<memory>" else None},
                          seconds=seconds, timings_s={k: round(v, 3) for k, v in res.timings.items()},
                          cord_found=res.cord_found, cord_constraint_applied=res.cord_constraint,
                          t1_coverage_of_box=None if res.t1_coverage is None else round(res.t1_coverage, 4),
-                         t1_registration=registration, **(extra or {}))
+                         t1_missing=res.t1_missing, t1_registration=registration,
+                         levels=res.anatomy.summary if res.anatomy is not None else None, **(extra or {}))
     paths, volumes = write_outputs(res.labelmap, t2.affine, name, output_dir,
-                                   res.probabilities if probabilities else None, sidecar=sidecar)
+                                   res.probabilities if probabilities else None, sidecar=sidecar, anatomy=res.anatomy)
     info = {"outputs": {k: str(p) for k, p in paths.items()}, "volumes_cm3": volumes,
             "seconds": seconds, "cord_found": res.cord_found,
-            "cord_constraint": res.cord_constraint, "lesion_found": bool(res.labelmap.any()), "timings": res.timings}
+            "cord_constraint": res.cord_constraint, "lesion_found": bool(res.labelmap.any()), "timings": res.timings,
+            "t1_missing": res.t1_missing, "levels": res.anatomy.summary if res.anatomy is not None else None}
     if registration is not None:
         info["t1_registration"] = registration
     return info

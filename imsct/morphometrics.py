@@ -29,6 +29,12 @@ oblique grids are measured correctly):
   centres). A level spans from its body's top down to the top of the next body (body plus the disc
   below), as the phantoms' truth does. Given as ``{"vertebrae": [{"level", "z_top_mm",
   "z_bottom_mm"}, ...]}`` (a phantom's ``*_phantom.json`` works as is); ``None`` without it.
+  Or, from a **level map** (``imsct segment``'s ``_seg-levels``, SCT's convention: each cord voxel
+  valued by its vertebra's number, :mod:`imsct.levels`): the levels of the component's voxels, a
+  voxel off the map taking the level of the nearest voxel on it.
+- **Maximal axial damage ratio** (with a cord mask, as ``sct_analyze_lesion``): over slabs
+  perpendicular to the cord axis, one voxel's extent thick, the largest share of the cord's
+  cross-section (cord mask plus lesion) that the component takes.
 
 Per-class rows: ``count`` (components), total volume, and the largest length and diameter over the
 class's components, with the union of their levels.
@@ -54,10 +60,12 @@ SLAB_MIN_MM = 1.0
 AREA_BIN_MM = 0.05  # resolution of the area profile along the axis
 CENTRELINE_BIN_MM = 2.0
 CENTRELINE_SMOOTH_MM = 10.0
-CLASS_FIELDS = ("count", "volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm", "levels")
+CLASS_FIELDS = ("count", "volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm", "levels",
+                "max_axial_damage_ratio")
 CSV_COLUMNS = (
     "class", "component", "count", "volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm",
     "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "centroid_i", "centroid_j", "centroid_k", "levels",
+    "max_axial_damage_ratio",
 )
 
 
@@ -271,10 +279,38 @@ def _component(idx: np.ndarray, affine: np.ndarray, axis, vox_mm3: float) -> dic
     }
 
 
-def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None = None, cord: np.ndarray | None = None) -> dict:
+def _map_levels(level_map: np.ndarray, lesions: np.ndarray) -> np.ndarray | None:
+    """The level map extended to every lesion voxel (nearest voxel on the map), on the lesions'
+    bounding box; None when the map holds no level there."""
+    idx = np.argwhere(lesions)
+    if len(idx) == 0 or not level_map.any():
+        return None
+    lo, hi = np.maximum(idx.min(0) - 20, 0), np.minimum(idx.max(0) + 21, lesions.shape)
+    sub = level_map[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    if not sub.any():
+        return None
+    _, nearest = ndimage.distance_transform_edt(sub == 0, return_indices=True)
+    out = np.zeros(level_map.shape, level_map.dtype)
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = sub[tuple(nearest)]
+    return out
+
+
+def _damage_ratio(s_lesion: np.ndarray, s_cord: np.ndarray, slab_mm: float) -> float:
+    """Largest share of the cord's voxels that the lesion's take, over slabs of the axis coordinate."""
+    lo = min(s_lesion.min(), s_cord.min())
+    b_les = np.floor((s_lesion - lo) / slab_mm).astype(int)
+    b_cord = np.bincount(np.floor((s_cord - lo) / slab_mm).astype(int), minlength=b_les.max() + 1)
+    n_les = np.bincount(b_les, minlength=b_cord.size)
+    ok = b_cord > 0
+    return float(np.clip(n_les[ok] / b_cord[ok], 0, 1).max()) if ok.any() else float("nan")
+
+
+def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None = None, cord: np.ndarray | None = None,
+            level_map: np.ndarray | None = None) -> dict:
     """Morphometrics of a label map (0 background, 1 tumour, 2 edema, 3 cavity); see the module
     docstring for the definitions. ``levels``: list of ``{"level", "z_top_mm", "z_bottom_mm"}``;
-    ``cord``: binary cord mask on the same grid (measure along its centreline)."""
+    ``cord``: binary cord mask on the same grid (measure along its centreline, and the damage
+    ratio); ``level_map``: SCT level numbers on the same grid (instead of ``levels``)."""
     labelmap = np.asarray(labelmap)
     affine = np.asarray(affine, float)
     if labelmap.ndim != 3:
@@ -284,12 +320,19 @@ def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None 
         raise InputError(f"label map: values must be 0 (background) to {top}, found {labelmap.min()} to {labelmap.max()}")
     if levels is not None:
         levels = check_levels(levels)
+    if level_map is not None and np.shape(level_map) != labelmap.shape:
+        raise InputError(f"level map: shape {np.shape(level_map)} differs from the label map's {labelmap.shape}")
+    cord_s = None
     if cord is not None:
         if np.shape(cord) != labelmap.shape:
             raise InputError(f"cord mask: shape {np.shape(cord)} differs from the label map's {labelmap.shape}")
         axis = CordAxis.from_mask(np.asarray(cord) > 0, affine)
+        cord_s = axis.coordinate(world(np.argwhere((np.asarray(cord) > 0) | (labelmap > 0)), affine))
     else:
         axis = SuperiorAxis()
+    from .levels import level_name
+
+    mapped = _map_levels(np.asarray(level_map), labelmap > 0) if level_map is not None else None
     vox = voxel_volume_mm3(affine)
     masks = split_masks(labelmap)
     classes, components = {}, []
@@ -300,12 +343,31 @@ def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None 
             if sl is None:
                 continue
             idx = np.argwhere(lab[sl] == k) + np.array([s.start for s in sl])
-            comps.append(_component(idx, affine, axis, vox))
+            c = _component(idx, affine, axis, vox)
+            if mapped is not None:
+                numbers = np.unique(mapped[tuple(idx.T)])
+                c["level_numbers"] = [int(v) for v in numbers if v > 0]
+            c["max_axial_damage_ratio"] = None
+            if cord_s is not None:
+                s_les = axis.coordinate(world(idx, affine))
+                slab = max(extent_along(axis.tangent(c["centroid_world_mm"][2]), affine), SLAB_MIN_MM)
+                c["max_axial_damage_ratio"] = _damage_ratio(s_les, cord_s, slab)
+            comps.append(c)
         comps.sort(key=lambda c: -c["centroid_world_mm"][2])  # superior first
         for i, c in enumerate(comps, 1):
-            c["levels"] = levels_spanned(*c["z_range_mm"], levels)
+            if mapped is not None:
+                c["levels"] = [level_name(v) for v in c.pop("level_numbers")]
+            elif level_map is not None:
+                c["levels"] = []
+            else:
+                c["levels"] = levels_spanned(*c["z_range_mm"], levels)
             components.append({"class": name, "index": i, **c})
-        union = [lv["level"] for lv in levels if any(lv["level"] in c["levels"] for c in comps)] if levels is not None else None
+        if level_map is not None:
+            numbers = sorted({v for c in comps for v in c["levels"]}, key=lambda n: _level_order(n))
+            union = numbers
+        else:
+            union = [lv["level"] for lv in levels if any(lv["level"] in c["levels"] for c in comps)] if levels is not None else None
+        ratios = [c["max_axial_damage_ratio"] for c in comps if c["max_axial_damage_ratio"] is not None]
         total = int(masks[name].sum()) * vox
         classes[name] = {
             "count": len(comps),
@@ -314,6 +376,7 @@ def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None 
             "length_si_mm": max((c["length_si_mm"] for c in comps), default=0.0),
             "max_equivalent_diameter_mm": max((c["max_equivalent_diameter_mm"] for c in comps), default=0.0),
             "levels": union,
+            "max_axial_damage_ratio": (max(ratios) if ratios else (0.0 if cord is not None else None)),
         }
     return {
         "classes": classes,
@@ -325,6 +388,12 @@ def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None 
     }
 
 
+def _level_order(name: str) -> int:
+    from .levels import level_number
+
+    return level_number(name)
+
+
 # ---- writing ---------------------------------------------------------------------------------
 def rows(result: dict) -> list[dict]:
     """CSV rows: one per component, then one total row per class (``component`` = ``all``)."""
@@ -333,19 +402,22 @@ def rows(result: dict) -> list[dict]:
     def fmt_levels(lv):
         return "" if lv is None else ";".join(lv)
 
+    def fmt_ratio(r):
+        return "" if r is None else round(r, 4)
+
     for c in result["components"]:
         out.append({
             "class": c["class"], "component": c["index"], "count": 1,
             **{k: round(c[k], 4) for k in ("volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm")},
             **{f"centroid_{a}_mm": round(v, 3) for a, v in zip("xyz", c["centroid_world_mm"])},
             **{f"centroid_{a}": round(v, 3) for a, v in zip("ijk", c["centroid_voxel"])},
-            "levels": fmt_levels(c["levels"]),
+            "levels": fmt_levels(c["levels"]), "max_axial_damage_ratio": fmt_ratio(c.get("max_axial_damage_ratio")),
         })
     for name, c in result["classes"].items():
         out.append({
             "class": name, "component": "all", "count": c["count"],
             **{k: round(c[k], 4) for k in ("volume_mm3", "volume_cm3", "length_si_mm", "max_equivalent_diameter_mm")},
-            "levels": fmt_levels(c["levels"]),
+            "levels": fmt_levels(c["levels"]), "max_axial_damage_ratio": fmt_ratio(c.get("max_axial_damage_ratio")),
         })
     return out
 

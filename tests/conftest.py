@@ -7,7 +7,9 @@ import torch
 from support.paths import ROOT
 
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# with pytest-xdist (`make test` runs one worker per core), each worker takes its share of the cores
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")

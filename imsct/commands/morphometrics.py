@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cord", metavar="NIFTI",
                         help="cord mask on the same grid: lengths and diameters along its centreline "
                              "(default: along the world superior axis)")
+    parser.add_argument("--level-map", metavar="NIFTI",
+                        help="vertebral level map on the same grid (imsct segment's *_seg-levels, or SCT's "
+                             "*_seg_labeled: each cord voxel valued by its level, 2 = C2, 8 = T1); instead of --levels")
     parser.add_argument("-o", "--output", metavar="PREFIX",
                         help="writes PREFIX.csv and PREFIX.json (default: <input name>_morphometrics beside the first input)")
 
@@ -38,6 +41,8 @@ def __getattr__(name: str):
 
 def run(args: argparse.Namespace) -> int:
 
+    import numpy as np
+
     from ..io import InputError, load_volume, same_grid
     from ..morphometrics import load_levels, measure, read_labelmap, write_tables
 
@@ -51,8 +56,18 @@ def run(args: argparse.Namespace) -> int:
         cord = vol.data > 0
         if not cord.any():
             raise InputError(f"cord mask {args.cord}: it is empty (no voxel > 0)")
+    level_map = None
+    if args.level_map:
+        if levels is not None:
+            raise InputError("--levels and --level-map: give one of them")
+        vol = load_volume(args.level_map, "level map")
+        if not same_grid(vol, (labelmap.shape, affine)):
+            raise InputError(f"level map {args.level_map}: grid {vol.shape} differs from the label map's {labelmap.shape} (shape or affine)")
+        level_map = np.rint(vol.data).astype(np.int16)
+        if level_map.min() < 0 or level_map.max() > 29:
+            raise InputError(f"level map {args.level_map}: values must be level numbers 0 to 29 (found {level_map.min()} to {level_map.max()})")
     try:
-        result = measure(labelmap, affine, levels, cord)
+        result = measure(labelmap, affine, levels, cord, level_map=level_map)
     except InputError as exc:  # name the cord file in the library's message
         raise InputError(str(exc).replace("cord mask:", f"cord mask {args.cord}:", 1)) from None
     result["inputs"] = [str(Path(p).resolve()) for p in args.input]

@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", metavar="JSON",
                         help="vertebral levels for the morphometrics, implies --morphometrics ({\"vertebrae\": "
                              "[{level, z_top_mm, z_bottom_mm}]} in world mm; a phantom's *_phantom.json works)")
+    parser.add_argument("--disc-label", metavar="NIFTI",
+                        help="one intervertebral disc you identified: an image (any grid) with one voxel, or a small blob, "
+                             "valued by the disc's number as in the Spinal Cord Toolbox (3 = C2/C3, 8 = C7/T1); the vertebral "
+                             "levels are numbered from it (as sct_label_vertebrae -initlabel)")
     parser.add_argument("--progress", action="store_true", help="show progress bars even when stderr is not a terminal")
 
 
@@ -104,12 +108,24 @@ def stage_progress(enabled: bool):
             bar.update(to - bar.n)
             bar.set_description(STAGES[min(to, len(STAGES) - 1)])
 
-    index = {"localise": 1, "segment": 2, "postprocess": 3, "done": 3}
+    index = {"localise": 1, "segment": 2, "postprocess": 3, "anatomy": 3, "done": 3}
     try:
         yield (lambda stage: advance(index[stage])) if enabled else None
         advance(len(STAGES))
     finally:
         bar.close()
+
+
+def read_disc_label_file(path: str):
+    """``--disc-label``: the (world point, disc number) of the one disc in the file."""
+    from ..io import InputError, load_volume
+    from ..levels import read_disc_label
+
+    vol = load_volume(Path(path), "disc label")
+    try:
+        return read_disc_label(vol.data, vol.affine, str(path))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         from ..morphometrics import load_levels
 
         levels = load_levels(args.levels)
+    disc_label = read_disc_label_file(args.disc_label) if args.disc_label else None
     # the output folder before anything is read or computed: a file there, a read-only or full disk
     # is reported at once, not after the segmentation
     out_dir = check_writable_folder(Path(args.output) if args.output else t2.parent)
@@ -176,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     with stage_progress(show) as on_stage:
         info = segment_volumes(cascade, t2_vol, t1_vol, out_dir, name, probabilities=args.probabilities,
                                register_t1=args.register_t1 and t1_vol is not None, on_stage=on_stage, progress=show,
-                               extra={"command": getattr(args, "command_line", None)})
+                               extra={"command": getattr(args, "command_line", None)}, disc_label=disc_label)
 
     outputs = {k: Path(v) for k, v in info["outputs"].items()}
     if args.morphometrics or levels is not None:
@@ -186,7 +203,13 @@ def run(args: argparse.Namespace) -> int:
         from ..morphometrics import measure, write_tables
 
         img = nib.load(str(outputs["labelmap"]))
-        result = measure(np.asarray(img.dataobj), img.affine, levels)
+        cord = level_map = None
+        if "cord" in outputs:  # the anatomy network's cord and levels: lengths along the cord, levels from the image
+            cord = np.asarray(nib.load(str(outputs["cord"])).dataobj) > 0
+            cord = cord if cord.any() else None
+            if levels is None:
+                level_map = np.asarray(nib.load(str(outputs["levels"])).dataobj)
+        result = measure(np.asarray(img.dataobj), img.affine, levels, cord=cord, level_map=level_map)
         outputs["morphometrics-csv"], outputs["morphometrics-json"] = write_tables(result, out_dir / f"{name}_morphometrics")
 
     if not info.get("cord_found", True):
@@ -207,6 +230,17 @@ def run(args: argparse.Namespace) -> int:
         # an empty answer is a valid answer: empty masks were written, and the run succeeded
         print("no lesion found: " + ", ".join(f"{k} 0.00 cm3" for k in info["volumes_cm3"]))
     print(f"volumes (cm3): {vols}")
+    lv = info.get("levels")
+    if lv is not None:
+        span = f"{lv['levels'][0]} to {lv['levels'][-1]}" if lv["levels"] else "none"
+        print(f"vertebral levels: {span} ({len(lv['discs'])} discs, numbered by {lv['method']}"
+              + ("" if lv["certain"] else ", uncertain") + ")")
+        for note in lv["notes"]:
+            print(f"imsct segment: note: {note}", file=sys.stderr)
+    if info.get("t1_missing"):
+        m = info["t1_missing"]
+        print(f"imsct segment: warning: the T1w does not cover {m['share_of_cord_region']:.0%} of the cord region "
+              f"(z {m['z_range_mm'][0]:.0f} to {m['z_range_mm'][1]:.0f} mm); no lesion is called there", file=sys.stderr)
     print(f"time: {info['seconds']:.1f} s for the case (start-up before it: {startup_s:.1f} s, reading the images, "
           f"loading the networks on {cascade.backend})")
     return 0

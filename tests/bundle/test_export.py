@@ -33,16 +33,17 @@ def test_exported_matches_eager(exported, key, backend):
         x = torch.randn(1, channels, *shape)
         from imsct.windows import accepts_validity
 
-        # stage 2's graphs take the validity channel (all ones: a window of real voxels, the same
-        # z-score as the eager network without it)
+        # stage 2's and 3's graphs (they slide the same windows) take the validity channel (all ones:
+        # a window of real voxels, the same z-score as the eager network without it)
         x_in = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if accepts_validity(net) else x
-        assert accepts_validity(net) == (weights.spec(key).stage == 2)
+        assert accepts_validity(net) == (weights.spec(key).stage in (2, 3))
         with torch.no_grad():
             a, b = net(x_in), eager(x)
         # what the cascade uses: sigmoid probabilities
         prob_diff = (torch.sigmoid(a) - torch.sigmoid(b)).abs().max().item()
-        # OpenVINO's float32 CPU kernels reorder the reductions more (measured 3e-4 / 2.4e-5 relative)
-        tol_prob, tol_logit = (1e-3, 1e-4) if backend == "openvino" else (1e-4, 2e-5)
+        # OpenVINO's float32 CPU kernels reorder the reductions more, and by thread count (measured
+        # 3e-4 / 2.4e-5 relative with 2 threads, 1.06e-4 relative with one per pytest-xdist worker)
+        tol_prob, tol_logit = (1e-3, 3e-4) if backend == "openvino" else (1e-4, 2e-5)
         assert prob_diff < tol_prob, (stem, ext, shape, prob_diff)
         # raw logits: ONNX Runtime's float32 kernels drift ~1e-4 on logits of magnitude ~10
         # (PyTorch eager is the closer of the two to a float64 reference), so compare relatively

@@ -284,7 +284,8 @@ def test_empty_answer_is_a_valid_answer(tmp_path):
                  "--morphometrics", "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert "no lesion found: tumor 0.00 cm3, edema 0.00 cm3, cavity 0.00 cm3, whole-tumor 0.00 cm3" in proc.stdout
-    masks = sorted(out.glob("*_seg-*.nii.gz"))
+    # the four class masks and the label map are empty (the cord and level map beside them are not lesions)
+    masks = sorted(m for m in out.glob("*_seg-*.nii.gz") if not m.name.endswith(("_seg-cord.nii.gz", "_seg-levels.nii.gz")))
     assert len(masks) == 5 and all(not np.asarray(nib.load(m).dataobj).any() for m in masks)
     morpho = json.loads(next(out.glob("*_morphometrics.json")).read_text())
     assert all(c["count"] == 0 and c["volume_mm3"] == 0 for c in morpho["classes"].values())
@@ -340,3 +341,45 @@ def test_bids_batch_writes_derivatives_skips_up_to_date_cases_and_goes_on_after_
     rows = {r["case"]: r for r in csv.DictReader(open(out / "imsct_volumes.csv"))}
     assert rows["sub-001_T2w"]["status"] == "written" and rows["sub-002_T2w"]["status"] == "failed"
     assert (out / "sub-002" / "anat" / "sub-002_T2w_seg-imsct.nii.gz").is_file()  # the earlier result is kept
+
+
+def test_cord_and_levels_from_the_image(segmented):
+    """The anatomy network's outputs beside the masks: a tight cord on the T2w grid that overlaps the
+    phantom's true cord, a level map that lives on that cord with SCT level numbers, disc labels on
+    the cord valued by disc numbers, and how the levels were found in the sidecar and on screen."""
+    from imsct.levels import LEVEL_NAMES
+
+    proc, out = segmented["proc"], segmented["out"]
+    assert proc.returncode == 0, proc.stderr
+    name = segmented["t2"].name[: -len(".nii.gz")]
+    t2 = nib.load(segmented["t2"])
+    imgs = {}
+    for suffix in ("_seg-cord", "_seg-levels", "_label-discs"):
+        img = nib.load(out / f"{name}{suffix}.nii.gz")
+        assert img.shape == t2.shape and np.allclose(img.affine, t2.affine, atol=1e-4)
+        imgs[suffix] = np.asarray(img.dataobj)
+    cord, levels, discs = imgs["_seg-cord"] > 0, imgs["_seg-levels"], imgs["_label-discs"]
+    truth = np.asarray(nib.load(segmented["labels"] / f"{name}_seg-cord.nii.gz").dataobj) > 0
+    dice = 2 * (cord & truth).sum() / (cord.sum() + truth.sum())
+    assert dice > 0.6, dice
+    assert not levels[~cord].any()  # levels only on the cord
+    assert set(np.unique(levels)) <= set(range(len(LEVEL_NAMES) + 1))
+    sidecar = json.loads((out / f"{name}_seg-imsct.json").read_text())
+    summary = sidecar["levels"]
+    assert summary["method"] in ("top of column", "conus", "spacing", "user", "none")
+    assert {int(v) for v in np.unique(discs[discs > 0])} <= {d["label"] for d in summary["discs"]}
+    assert "anatomy.pt" in sidecar["models"]
+    assert any(s.startswith("vertebral levels:") for s in proc.stdout.splitlines())
+    assert sidecar["outputs"]["cord"] == f"{name}_seg-cord.nii.gz"
+
+
+def test_a_bad_disc_label_fails_before_segmenting(case, tmp_path, capsys):
+    bad = tmp_path / "two_discs.nii.gz"
+    data = np.zeros((8, 8, 8), np.uint8)
+    data[2, 2, 2], data[5, 5, 5] = 4, 6
+    nib.save(nib.Nifti1Image(data, np.eye(4)), bad)
+    rc = cli.main(["segment", "--t2", str(case["t2"]), "--t1", str(case["t1"]), "-o", str(tmp_path / "out"),
+                   "--disc-label", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "found labels 4, 6" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

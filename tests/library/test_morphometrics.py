@@ -217,3 +217,38 @@ def test_phantom_truth(phantom_dir):
             assert b["length_si_mm"] >= a["length_si_mm"] - 0.5
             assert b["length_si_mm"] <= a["length_si_mm"] * 1.1 + voxel
     assert n == 2
+
+
+def test_levels_from_a_level_map_and_the_axial_damage_ratio():
+    """With the cascade's cord mask and level map (SCT's numbers on the cord): each lesion's levels are
+    those of the map under it (a lesion voxel off the cord takes the nearest level), and the damage
+    ratio is the lesion's largest share of the cord's cross-section."""
+    from imsct.levels import level_number
+
+    aff = np.eye(4)
+    shape = (20, 20, 120)  # z (third axis) is superior
+    cord = np.zeros(shape, bool)
+    cord[6:14, 6:14, :] = True  # 64 voxels per axial slice
+    level_map = np.zeros(shape, np.uint8)
+    for k, name in enumerate(("C3", "C4", "C5", "C6")):  # 30 mm per level, C3 at the top
+        level_map[..., 90 - 30 * k:120 - 30 * k] = level_number(name)
+    level_map[~cord] = 0
+    lab = np.zeros(shape, np.uint8)
+    lab[8:12, 8:12, 50:75] = 1  # tumour across C4/C5 (z 50-74): 16 of 64 voxels per slice
+    lab[8:12, 8:12, 75:80] = 2  # edema above it, C4 only
+    lab[14, 9:11, 100:104] = 2  # an edema island just outside the cord, beside C3
+    r = measure(lab, aff, cord=cord, level_map=level_map)
+    tumour = [c for c in r["components"] if c["class"] == "tumor"]
+    assert tumour[0]["levels"] == ["C4", "C5"]
+    assert tumour[0]["max_axial_damage_ratio"] == pytest.approx(16 / 64)
+    edema = sorted((c for c in r["components"] if c["class"] == "edema"), key=lambda c: -c["centroid_world_mm"][2])
+    assert [c["levels"] for c in edema] == [["C3"], ["C4"]]
+    assert r["classes"]["edema"]["levels"] == ["C3", "C4"]
+    assert r["classes"]["whole-tumor"]["levels"] == ["C3", "C4", "C5"]
+    # the island lies beside the cord: 2 of the 64 + 2 voxels of its slab
+    assert edema[0]["max_axial_damage_ratio"] == pytest.approx(2 / 66)
+    assert r["classes"]["tumor"]["max_axial_damage_ratio"] == pytest.approx(16 / 64)
+    # without a cord mask there is no damage ratio; with an empty label map nothing breaks
+    assert measure(lab, aff)["classes"]["tumor"]["max_axial_damage_ratio"] is None
+    empty = measure(np.zeros(shape, np.uint8), aff, cord=cord, level_map=level_map)
+    assert empty["classes"]["tumor"]["count"] == 0 and empty["classes"]["tumor"]["max_axial_damage_ratio"] == 0.0
