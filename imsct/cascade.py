@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .geometry import WORKING_SPACING, covering_box, crop_or_pad, field_overlap, fields_intersect, resample, resample_image, shifted, to_working, working_grid
-from .io import InputError, Volume
+from .io import InputError, Volume, nearest_voxel, world
 from .labels import LABELS, MIN_VOLUME_CM3
 from .postprocess import keep_touching, labelmap_from_probabilities, largest_component, postprocess_labelmap
 from .precision import use_bf16
@@ -389,18 +389,15 @@ class Cascade:
                 # every cord voxel takes the level of the nearest labelled one (grids differ at the edges)
                 _, nearest = ndimage.distance_transform_edt(lv == 0, return_indices=True)
                 lv = lv[tuple(nearest)]
-                # but not where the working map left the level unknown (beyond the outermost discs)
-                known = to_working((levels.level_map > 0).astype(np.uint8) | (1 - cord_w), w.affine, sub_shape, sub_aff,
-                                   label=True) > 0
-                lv = np.where(known, lv, 0)
+                # but not where the working map left the level unknown on the cord (beyond the outermost discs)
+                unknown = ((cord_w > 0) & (levels.level_map == 0)).astype(np.uint8)
+                lv = np.where(to_working(unknown, w.affine, sub_shape, sub_aff, label=True) > 0, 0, lv)
             cord_native[n_sl] = cord_sub
             levels_native[n_sl] = np.where(cord_sub > 0, lv, 0)
         discs_native = np.zeros(t2.shape[:3], np.uint8)
-        inv = np.linalg.inv(t2.affine)
         for d in levels.discs:
-            ijk = np.rint(inv[:3, :3] @ d.world + inv[:3, 3]).astype(int)
-            if ((ijk >= 0) & (ijk < np.asarray(t2.shape[:3]))).all():
-                discs_native[tuple(ijk)] = d.label
+            if (ijk := nearest_voxel(d.world, t2.affine, t2.shape)) is not None:
+                discs_native[ijk] = d.label
         return Anatomy(cord_native, levels_native, discs_native, levels.summary())
 
     def to_native(self, probs_crop: np.ndarray, box, w_aff: np.ndarray, t2: Volume,
@@ -572,8 +569,7 @@ class Cascade:
         out = region & ~inside
         if not out.any():
             return None
-        ijk = np.argwhere(out) + lo
-        z = (ijk @ w.affine[:3, :3].T + w.affine[:3, 3])[:, 2]
+        z = world(np.argwhere(out) + lo, w.affine)[:, 2]
         return {"share_of_cord_region": round(float(out.sum() / region.sum()), 4),
                 "z_range_mm": [round(float(z.min()), 1), round(float(z.max()), 1)]}
 

@@ -71,6 +71,19 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
 
 
+def world(indices: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World (RAS+, mm) coordinates of ``(n, 3)`` voxel indices."""
+    a = np.asarray(affine, float)
+    return np.asarray(indices, float) @ a[:3, :3].T + a[:3, 3]
+
+
+def nearest_voxel(point: np.ndarray, affine: np.ndarray, shape) -> tuple[int, ...] | None:
+    """The voxel of a grid nearest to a world point, or None when it falls outside the grid."""
+    inv = np.linalg.inv(np.asarray(affine, float))
+    ijk = np.rint(inv[:3, :3] @ np.asarray(point, float) + inv[:3, 3]).astype(int)
+    return tuple(int(v) for v in ijk) if ((ijk >= 0) & (ijk < np.asarray(shape[:3]))).all() else None
+
+
 GRID_ATOL_MM = 1e-3  # affines closer than this (per element) describe the same grid
 
 

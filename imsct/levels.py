@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .io import world as to_world
+
 LEVEL_NAMES: tuple[str, ...] = (
     *(f"C{i}" for i in range(1, 8)), *(f"T{i}" for i in range(1, 13)), *(f"L{i}" for i in range(1, 6)),
     *(f"S{i}" for i in range(1, 6)),
@@ -108,9 +110,9 @@ class Centreline:
         step = float(np.linalg.norm(affine[:3, 0]))
         width = max(1, int(round(CENTRELINE_SMOOTH_MM / max(step, 1e-6))))
         ijk[:, 1:] = ndimage.uniform_filter1d(ijk[:, 1:], size=width, axis=0, mode="nearest")
-        world = ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
-        arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(world, axis=0), axis=1))])
-        return cls(rows, world, arc)
+        points = to_world(ijk, affine)
+        arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+        return cls(rows, points, arc)
 
     def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For world points ``(m, 3)``: the index of the nearest centreline point, its arc length,
@@ -165,8 +167,7 @@ def detect_discs(disc_prob: np.ndarray, affine: np.ndarray, centreline: Centreli
     if keep.size == 0:
         return []
     centres = np.asarray(ndimage.center_of_mass(np.ones(lab.shape), lab, keep))
-    world = centres @ affine[:3, :3].T + affine[:3, 3]
-    idx, arc, dist = centreline.project(world)
+    idx, arc, dist = centreline.project(to_world(centres, affine))
     last = len(centreline.arc) - 1
     found = [Disc(centreline.world[i], float(a), volume_mm3=float(counts[k - 1] * vox))
              for i, a, d, k in zip(idx, arc, dist, keep) if d <= MAX_DISC_DISTANCE_MM and 0 < i < last]
@@ -187,8 +188,9 @@ def _steps(arcs: np.ndarray, first_label: int) -> list[int]:
     """Numbers for discs at ``arcs`` (top first) from the first one's number: +1 per disc, more
     across a gap that holds missed discs."""
     labels = [int(first_label)]
+    scale = _scale(arcs, first_label)
     for a, b in zip(arcs[:-1], arcs[1:]):
-        expected = TYPICAL_GAP_MM.get(labels[-1], 25.0) * _scale(arcs, first_label)
+        expected = TYPICAL_GAP_MM.get(labels[-1], 25.0) * scale
         labels.append(labels[-1] + max(1, int(round((a - b) / expected))) if (a - b) > MISSED_GAP_FACTOR * expected
                       else labels[-1] + 1)
     return labels
@@ -313,8 +315,7 @@ def read_disc_label(data: np.ndarray, affine: np.ndarray, where: str) -> tuple[n
     if not 3 <= label <= len(LEVEL_NAMES):
         raise ValueError(f"disc label {where}: value {label} is not a disc number (3 = C2/C3 to {len(LEVEL_NAMES)})")
     ijk = np.argwhere(np.rint(np.asarray(data)) == label).mean(0)
-    affine = np.asarray(affine, float)
-    return ijk @ affine[:3, :3].T + affine[:3, 3], label
+    return to_world(ijk[None], affine)[0], label
 
 
 __all__ = ["LEVEL_NAMES", "TYPICAL_GAP_MM", "level_number", "level_name", "disc_label_of", "disc_name", "Centreline",

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .io import InputError, Volume, grid_difference, load_volume, strip_nifti_ext, voxel_volume_mm3, write_texts
+from .io import InputError, Volume, grid_difference, load_volume, strip_nifti_ext, voxel_volume_mm3, world, write_texts
 from .labels import LABELMAP_SUFFIX, LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, split_masks
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
@@ -67,12 +67,6 @@ CSV_COLUMNS = (
     "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "centroid_i", "centroid_j", "centroid_k", "levels",
     "max_axial_damage_ratio",
 )
-
-
-def world(indices: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """World (RAS+, mm) coordinates of ``(n, 3)`` voxel indices."""
-    a = np.asarray(affine, float)
-    return np.asarray(indices, float) @ a[:3, :3].T + a[:3, 3]
 
 
 def extent_along(direction: np.ndarray, affine: np.ndarray) -> float:
@@ -330,7 +324,7 @@ def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None 
         cord_s = axis.coordinate(world(np.argwhere((np.asarray(cord) > 0) | (labelmap > 0)), affine))
     else:
         axis = SuperiorAxis()
-    from .levels import level_name
+    from .levels import level_name, level_number
 
     mapped = _map_levels(np.asarray(level_map), labelmap > 0) if level_map is not None else None
     vox = voxel_volume_mm3(affine)
@@ -363,8 +357,7 @@ def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None 
                 c["levels"] = levels_spanned(*c["z_range_mm"], levels)
             components.append({"class": name, "index": i, **c})
         if level_map is not None:
-            numbers = sorted({v for c in comps for v in c["levels"]}, key=lambda n: _level_order(n))
-            union = numbers
+            union = sorted({v for c in comps for v in c["levels"]}, key=level_number)
         else:
             union = [lv["level"] for lv in levels if any(lv["level"] in c["levels"] for c in comps)] if levels is not None else None
         ratios = [c["max_axial_damage_ratio"] for c in comps if c["max_axial_damage_ratio"] is not None]
@@ -386,12 +379,6 @@ def measure(labelmap: np.ndarray, affine: np.ndarray, levels: list[dict] | None 
         "voxel_volume_mm3": vox,
         "voxel_size_mm": [float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0))],
     }
-
-
-def _level_order(name: str) -> int:
-    from .levels import level_number
-
-    return level_number(name)
 
 
 # ---- writing ---------------------------------------------------------------------------------
