@@ -149,7 +149,7 @@ class Levels:
             "method": self.method, "certain": self.certain, "notes": list(self.notes),
             "discs": [{"label": d.label, "name": disc_name(d.label) if d.label >= 2 else None,
                        "world_mm": [round(float(v), 2) for v in d.world]} for d in self.discs],
-            "levels": sorted(level_name(v) for v in np.unique(self.level_map) if v > 0),
+            "levels": [level_name(v) for v in np.unique(self.level_map) if v > 0],  # in level order (np.unique sorts numbers)
         }
 
 

@@ -154,3 +154,12 @@ def test_generator_disc_truth_numbers_back_through_the_levels_code(tmp_path):
             matched += 1
             assert d.label == near
     assert matched >= 5
+
+
+def test_the_summary_lists_levels_from_top_to_bottom():
+    """C1 ... C7, T1 ... T12, L1: by number, not alphabetically (T9 after T10 would hide L1)."""
+    rows = list(range(560, 20, -27))[:19]
+    cord, disc = spine(600, rows)
+    lv = find_levels(cord, disc, AFFINE, user=(np.array([float(rows[0]), 33.0, 16.0]), 3))
+    names = lv.summary()["levels"]
+    assert names == sorted(names, key=level_number) and names[0] == "C2" and "T10" in names
