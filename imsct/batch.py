@@ -35,6 +35,7 @@ class CaseResult:
     volumes_cm3: dict = field(default_factory=dict)
     seconds: float | None = None
     error: str = ""
+    outputs: list = field(default_factory=list)  # the files written (paths as text)
 
 
 def derivative_folder(case: Case, dataset_dir: Path, out_root: Path) -> Path:
@@ -76,15 +77,21 @@ def _start_worker(cascade_kw: dict, threads: int) -> None:
     _CASCADE["c"] = Cascade.from_models(**cascade_kw)
 
 
-def _segment(case: Case, folder: Path, probabilities: bool, extra: dict) -> CaseResult:
+def segment_one(cascade, case: Case, folder: Path, probabilities: bool = False, extra: dict | None = None,
+                register_t1: bool = False) -> CaseResult:
+    """One case into its derivatives folder: written, or failed with the reason (input or write)."""
     from .inference import segment_case
 
     try:
-        info = segment_case(_CASCADE["c"], case.t2, case.t1, folder, case.name, probabilities=probabilities,
-                            extra=extra)
+        info = segment_case(cascade, case.t2, case.t1, folder, case.name, probabilities=probabilities,
+                            register_t1=register_t1, extra=extra)
     except (InputError, WriteError) as exc:
         return CaseResult(case.name, "failed", error=str(exc))
-    return CaseResult(case.name, "written", info["volumes_cm3"], info["seconds"])
+    return CaseResult(case.name, "written", info["volumes_cm3"], info["seconds"], outputs=list(info["outputs"].values()))
+
+
+def _segment(case: Case, folder: Path, probabilities: bool, extra: dict) -> CaseResult:
+    return segment_one(_CASCADE["c"], case, folder, probabilities, extra)
 
 
 def dataset_description(out_root: Path, dataset_dir: Path, models: dict) -> Path:
@@ -111,6 +118,40 @@ def write_summary(out_root: Path, results: list[CaseResult]) -> Path:
     return path
 
 
+def open_dataset(dataset_dir: str | Path, out_root: str | Path | None) -> tuple[list[Case], Path]:
+    """The cases of a BIDS folder and the derivatives root (default ``DIR/derivatives/imsct``),
+    checked writable; an InputError names the folder when it holds no case."""
+    dataset_dir = Path(dataset_dir)
+    cases = find_cases(dataset_dir)
+    if not cases:
+        raise InputError(f"dataset folder {dataset_dir}: no sub-*/[ses-*/]anat/*_T2w.nii[.gz] found")
+    return cases, check_writable_folder(Path(out_root) if out_root else dataset_dir / "derivatives" / "imsct")
+
+
+def sort_cases(cases: list[Case], dataset_dir: Path, out_root: Path, *, overwrite: bool, probabilities: bool,
+               report=print) -> tuple[dict[str, CaseResult], list[tuple[Case, Path]]]:
+    """``(skipped, todo)``: the cases whose outputs are up to date (unless ``overwrite``), as results,
+    and the others with their derivatives folder."""
+    skipped, todo = {}, []
+    for case in cases:
+        folder = derivative_folder(case, Path(dataset_dir), out_root)
+        done = None if overwrite else up_to_date(case, folder, probabilities)
+        if done is not None:
+            skipped[case.name] = CaseResult(case.name, "skipped", done.get("volumes_cm3", {}), done.get("seconds"))
+            report(f"{case.name}: up to date, skipped (--overwrite to redo)")
+        else:
+            todo.append((case, folder))
+    return skipped, todo
+
+
+def case_line(r: CaseResult) -> str:
+    if r.status == "failed":
+        return f"{r.name}: FAILED: {r.error}"
+    found = "" if any(v > 0 for v in r.volumes_cm3.values()) else "no lesion found: "
+    vols = ", ".join(f"{k} {v:.2f}" for k, v in r.volumes_cm3.items())
+    return f"{r.name}: {found}{vols} cm3 ({r.seconds:.1f} s)"
+
+
 def segment_dataset(dataset_dir: str | Path, out_root: str | Path | None, cascade_kw: dict, *, jobs: int = 1,
                     overwrite: bool = False, probabilities: bool = False, extra: dict | None = None,
                     report=print) -> list[CaseResult]:
@@ -119,33 +160,19 @@ def segment_dataset(dataset_dir: str | Path, out_root: str | Path | None, cascad
     from . import weights
 
     dataset_dir = Path(dataset_dir)
-    cases = find_cases(dataset_dir)
-    if not cases:
-        raise InputError(f"dataset folder {dataset_dir}: no sub-*/[ses-*/]anat/*_T2w.nii[.gz] found")
-    out_root = check_writable_folder(Path(out_root) if out_root else dataset_dir / "derivatives" / "imsct")
+    cases, out_root = open_dataset(dataset_dir, out_root)
     weights.check_present(weights.CASCADE_MODELS[bool(cascade_kw.get("t2_only"))], cascade_kw.get("models_dir"))
     keys = weights.cascade_keys(bool(cascade_kw.get("t2_only")), cascade_kw.get("models_dir"))
+    if not cascade_kw.get("with_anatomy", True):
+        keys = weights.CASCADE_MODELS[bool(cascade_kw.get("t2_only"))]
     out_root.mkdir(parents=True, exist_ok=True)
     dataset_description(out_root, dataset_dir, weights.record(keys, cascade_kw.get("models_dir")))
-
-    results: dict[str, CaseResult] = {}
-    todo = []
-    for case in cases:
-        folder = derivative_folder(case, dataset_dir, out_root)
-        done = None if overwrite else up_to_date(case, folder, probabilities)
-        if done is not None:
-            results[case.name] = CaseResult(case.name, "skipped", done.get("volumes_cm3", {}), done.get("seconds"))
-            report(f"{case.name}: up to date, skipped (--overwrite to redo)")
-        else:
-            todo.append((case, folder))
+    results, todo = sort_cases(cases, dataset_dir, out_root, overwrite=overwrite, probabilities=probabilities,
+                               report=report)
 
     def finished(r: CaseResult) -> None:
         results[r.name] = r
-        if r.status == "failed":
-            report(f"{r.name}: FAILED: {r.error}")
-        else:
-            vols = ", ".join(f"{k} {v:.2f}" for k, v in r.volumes_cm3.items())
-            report(f"{r.name}: {vols} cm3 ({r.seconds:.1f} s)")
+        report(case_line(r))
 
     extra = dict(extra or {})
     if todo:
@@ -168,4 +195,4 @@ def segment_dataset(dataset_dir: str | Path, out_root: str | Path | None, cascad
     return ordered
 
 
-__all__ = ["segment_dataset", "derivative_folder", "up_to_date", "CaseResult", "SUMMARY"]
+__all__ = ["segment_dataset", "segment_one", "open_dataset", "sort_cases", "case_line", "derivative_folder", "up_to_date", "CaseResult", "SUMMARY"]

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bids import find_cases
 from .cascade import Cascade
-from .io import InputError, Volume, WriteError, check_writable_folder, load_image, save_volumes, strip_nifti_ext, voxel_volume_mm3
+from .io import InputError, Volume, WriteError, load_image, save_volumes, strip_nifti_ext, voxel_volume_mm3
 from .labels import LABELS, SEG_SUFFIXES, STAGE2_CHANNELS, output_paths, split_masks
 
 log = logging.getLogger("imsct")
@@ -127,7 +126,12 @@ def segment_volumes(cascade: Cascade, t2: Volume, t1: Volume | None, output_dir:
 
 @dataclass
 class BatchRunner:
-    """Segment every case of a BIDS folder with a :class:`Cascade` (declared in inference.json)."""
+    """Segment every case of a BIDS folder with a :class:`Cascade` (declared in inference.json) into
+    BIDS derivatives, as ``imsct segment --bids`` does (:mod:`imsct.batch`):
+    ``<output_dir>/sub-X/[ses-Y/]anat/<T2w name>_seg-*``, ``dataset_description.json`` and the volume
+    table ``imsct_volumes.csv``; cases whose outputs are complete and newer than their inputs are
+    skipped unless ``overwrite``. Under torchrun each rank takes its share of the cases and rank 0
+    writes the dataset files."""
 
     cascade: Cascade
     dataset_dir: str
@@ -135,38 +139,56 @@ class BatchRunner:
     exit_on_error: bool = True
     probabilities: bool = False
     register_t1: bool = False
+    overwrite: bool = False
     rank: int = 0
     world_size: int = 1
     results: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
 
     def run(self) -> dict:
+        from . import batch
+
         try:  # the batch as a whole: dataset folder, output folder (before any case is computed)
-            cases = find_cases(self.dataset_dir)
-            if not cases:
-                raise InputError(f"dataset folder {self.dataset_dir}: no sub-*/anat/*_T2w.nii.gz found")
-            check_writable_folder(self.output_dir)
+            cases, out_root = batch.open_dataset(self.dataset_dir, self.output_dir)
+            out_root.mkdir(parents=True, exist_ok=True)
         except (InputError, WriteError) as exc:
             print(f"imsct: error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2 if isinstance(exc, InputError) else 1) from None
-        cases = cases[self.rank :: self.world_size]  # torchrun: each rank its own share
-        for i, case in enumerate(cases, 1):
-            try:
-                info = segment_case(self.cascade, case.t2, case.t1, self.output_dir, case.name,
-                                    probabilities=self.probabilities, register_t1=self.register_t1)
-            except (InputError, WriteError) as exc:  # this case fails; the others go on
-                self.errors[case.name] = str(exc)
-                log.error("[%d/%d] %s: FAILED: %s", i, len(cases), case.name, exc)
+        dataset_dir = Path(self.dataset_dir)
+        if self.rank == 0:
+            batch.dataset_description(out_root, dataset_dir, self.cascade.models)
+        mine = cases[self.rank :: self.world_size]  # torchrun: each rank its own share, fixed before any is written
+        skipped, todo = batch.sort_cases(mine, dataset_dir, out_root, overwrite=self.overwrite,
+                                         probabilities=self.probabilities, report=log.info)
+        done = dict(skipped)
+        for i, (case, folder) in enumerate(todo, 1):
+            r = batch.segment_one(self.cascade, case, folder, self.probabilities, register_t1=self.register_t1)
+            done[r.name] = r
+            if r.status == "failed":  # this case fails; the others go on
+                self.errors[case.name] = r.error
+                log.error("[%d/%d] %s", i, len(todo), batch.case_line(r))
                 continue
-            self.results[case.name] = info
-            vols = ", ".join(f"{k} {v:.2f} cm3" for k, v in info["volumes_cm3"].items())
-            found = "" if any(v > 0 for v in info["volumes_cm3"].values()) else "no lesion found: "
-            log.info("[%d/%d] %s: %s%s (%.1f s)", i, len(cases), case.name, found, vols, info["seconds"])
-            for p in info["outputs"].values():
-                log.info("    %s", Path(p).resolve())
+            self.results[case.name] = r
+            log.info("[%d/%d] %s", i, len(todo), batch.case_line(r))
+            for out in r.outputs:
+                log.info("    %s", Path(out).resolve())
+        if self.world_size > 1:  # every rank's results, for the table rank 0 writes
+            import dataclasses
+
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                gathered = [None] * self.world_size
+                dist.all_gather_object(gathered, {k: dataclasses.asdict(v) for k, v in done.items()})
+                done = {k: batch.CaseResult(**v) for g in gathered for k, v in g.items()}
+        if self.rank == 0 and len(done) == len(cases):
+            table = batch.write_summary(out_root, [done[c.name] for c in cases])
+            log.info("%d case(s): %d written, %d up to date, %d failed; summary %s", len(done),
+                     sum(r.status == "written" for r in done.values()), sum(r.status == "skipped" for r in done.values()),
+                     sum(r.status == "failed" for r in done.values()), table.resolve())
         if self.errors and self.exit_on_error:
             lines = "\n".join(f"  {k}: {v}" for k, v in self.errors.items())
-            print(f"imsct: {len(self.errors)} of {len(cases)} case(s) failed:\n{lines}", file=sys.stderr, flush=True)
+            print(f"imsct: {len(self.errors)} of {len(mine)} case(s) failed:\n{lines}", file=sys.stderr, flush=True)
             raise SystemExit(1)
         return self.results
 

@@ -57,7 +57,7 @@ import nibabel as nib
 import numpy as np
 
 from .io import InputError, Volume, load_volume, replace_atomically, same_grid, strip_nifti_ext, write_text_atomically
-from .labels import COLOURS, LABELS, SEG_SUFFIXES
+from .labels import COLOURS, CORD_SUFFIX, LABELMAP_SUFFIX, LABELS, LEVELS_SUFFIX, SEG_SUFFIXES
 
 GENERATOR = "imsct qc"
 ALPHA = 0.4  # opacity of the label fill; the outline is drawn opaque
@@ -392,6 +392,23 @@ def load_labelmap(seg, t2: Volume) -> np.ndarray:
     return lab
 
 
+def anatomy_beside(seg, t2: Volume) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The tight cord and the vertebral level map that ``imsct segment`` writes beside the masks
+    (``<T2w name>_seg-cord`` and ``_seg-levels``), each None where absent or not on the T2w grid."""
+    first = _seg_files(seg)[0]
+    stem = strip_nifti_ext(first.name)
+    for suffix in (LABELMAP_SUFFIX, *SEG_SUFFIXES.values()):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    out = []
+    for suffix in (CORD_SUFFIX, LEVELS_SUFFIX):
+        path = first.with_name(f"{stem}{suffix}.nii.gz")
+        vol = load_volume(path, suffix[1:]) if path.is_file() else None
+        out.append(np.asarray(vol.data) if vol is not None and same_grid((vol.shape, vol.affine), t2) else None)
+    return out[0], out[1]
+
+
 def render_subject(subject: Subject, img_dir: Path, key: str) -> dict:
     """Write the subject's PNG files; returns what the page needs (image names, slices shown,
     morphometrics, sizes, provenance)."""
@@ -429,7 +446,9 @@ def render_subject(subject: Subject, img_dir: Path, key: str) -> dict:
     if morpho is None:
         from .morphometrics import measure
 
-        morpho = measure(lab, t2.affine, levels=subject.levels)
+        cord, level_map = anatomy_beside(subject.seg, t2)  # levels and damage ratio from the image
+        morpho = measure(lab, t2.affine, levels=subject.levels, cord=None if cord is None else cord > 0.5,
+                         level_map=None if subject.levels is not None or level_map is None else np.rint(level_map).astype(int))
     return {"images": images, "morphometrics": morpho, "fingerprint": fingerprint(_seg_files(subject.seg)),
             "most_lesion_slice": most, "provenance": masks_provenance(_seg_files(subject.seg))}
 
@@ -684,13 +703,16 @@ def morphometrics_table(morpho: dict | None) -> str:
              f"<tbody>{''.join(rows)}</tbody></table>")
     comps = (morpho or {}).get("components") or []
     if comps:
+        cols = MORPHO_COLUMNS[1:]
+        if any(c.get("max_axial_damage_ratio") is not None for c in comps):  # with a cord mask (SCT's damage ratio)
+            cols = (*cols, ("max_axial_damage_ratio", "max. axial damage ratio", 2))
         crow = "".join(
             f"<tr><th scope=\"row\">{_e(c.get('class', ''))} {_e(c.get('index', ''))}</th>"
-            + "".join(f"<td>{_num(c.get(k), d)}</td>" for k, _, d in MORPHO_COLUMNS[1:])
+            + "".join(f"<td>{_num(c.get(k), d)}</td>" for k, _, d in cols)
             + f"<td class=\"lv\">{_levels(c.get('levels'))}</td></tr>"
             for c in comps
         )
-        chead = "".join(f"<th>{_e(t)}</th>" for _, t, _ in MORPHO_COLUMNS[1:])
+        chead = "".join(f"<th>{_e(t)}</th>" for _, t, _ in cols)
         table += (f'<details class="components"><summary>{len(comps)} component(s)</summary><table class="morpho">'
                   f"<thead><tr><th>component</th>{chead}<th>vertebral levels</th></tr></thead><tbody>{crow}</tbody></table></details>")
     return table

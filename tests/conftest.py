@@ -30,5 +30,7 @@ def cascade():
     from imsct.cascade import Cascade
 
     # float32: geometry and export checks compare outputs to 1e-3; the bfloat16 default path is
-    # exercised by the command line, bundle and app tests and compared with this one in test_cascade_fast_path
-    return Cascade.from_models(keep_probabilities=True, precision="float32", backend="eager")
+    # exercised by the command line, bundle and app tests and compared with this one in test_cascade_fast_path;
+    # no anatomy network: no library test here reads the cord or levels (the CLI and bundle tests do), and it
+    # would add a third of each call
+    return Cascade.from_models(keep_probabilities=True, precision="float32", backend="eager", with_anatomy=False)

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cord-constraint", action="store_true",
                         help="keep lesions outside the cord region too (default: a lesion must overlap stage 1's cord "
                              "region dilated by 5 mm, since intramedullary lesions lie inside the cord)")
+    parser.add_argument("--no-anatomy", action="store_true",
+                        help="skip the tight cord mask and the vertebral levels (the anatomy network): faster")
     parser.add_argument("--probabilities", action="store_true",
                         help="also save per-class probability maps <name>_prob-<class>.nii.gz (float32, T2w grid)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
@@ -162,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         from ..morphometrics import load_levels
 
         levels = load_levels(args.levels)
+    if args.disc_label and args.no_anatomy:
+        raise InputError(f"--disc-label {args.disc_label}: numbers the levels the anatomy network finds; not with --no-anatomy")
     disc_label = read_disc_label_file(args.disc_label) if args.disc_label else None
     # the output folder before anything is read or computed: a file there, a read-only or full disk
     # is reported at once, not after the segmentation
@@ -187,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     cascade = Cascade.from_models(models, t2_only=args.t2_only, device=args.device, precision=args.precision,
                                   threshold=args.thr, min_volume_cm3=min_volume, fill_holes=not args.no_fill_holes,
-                                  cord_constraint=not args.no_cord_constraint)
+                                  cord_constraint=not args.no_cord_constraint, with_anatomy=not args.no_anatomy)
     startup_s = time.perf_counter() - t_start  # checks, reading the images, imports, loading the networks
     show = args.progress or sys.stderr.isatty()
     with stage_progress(show) as on_stage:
@@ -263,7 +267,8 @@ def _run_bids(args: argparse.Namespace, t_start: float) -> int:
     _check_device(args.device)
     kw = {"models_dir": args.models, "t2_only": args.t2_only, "device": args.device, "precision": args.precision,
           "threshold": args.thr, "min_volume_cm3": parse_remove_small(args.remove_small),
-          "fill_holes": not args.no_fill_holes, "cord_constraint": not args.no_cord_constraint}
+          "fill_holes": not args.no_fill_holes, "cord_constraint": not args.no_cord_constraint,
+          "with_anatomy": not args.no_anatomy}
     results = segment_dataset(args.bids, args.output, kw, jobs=args.jobs, overwrite=args.overwrite,
                               probabilities=args.probabilities, extra={"command": getattr(args, "command_line", None)})
     out_root = Path(args.output) if args.output else Path(args.bids) / "derivatives" / "imsct"

@@ -58,8 +58,8 @@ def bad_run(phantom_dir, tmp_path_factory):
     far[:3, 3] += 2000.0
     nib.save(nib.Nifti1Image(np.asanyarray(t1.dataobj), far), t1p)
     # an output of an earlier run for a failing case must survive untouched
-    out.mkdir()
-    sentinel = out / "sub-nan_T2w_seg-tumor.nii.gz"
+    (out / "sub-nan" / "anat").mkdir(parents=True)
+    sentinel = out / "sub-nan" / "anat" / "sub-nan_T2w_seg-tumor.nii.gz"
     sentinel.write_bytes(b"earlier result")
     proc = run_bundle(ds, out)
     return proc, ds, out, problems, sentinel
@@ -70,7 +70,7 @@ def test_good_case_written_on_t2_grid(bad_run):
     t2 = nib.load(ds / "sub-001" / "anat" / "sub-001_T2w.nii.gz")
     maps = {}
     for suffix in OUTPUT_SUFFIXES:
-        img = nib.load(out / f"sub-001_T2w{suffix}.nii.gz")
+        img = nib.load(out / "sub-001" / "anat" / f"sub-001_T2w{suffix}.nii.gz")
         assert img.shape == t2.shape, suffix
         assert np.allclose(img.affine, t2.affine, atol=1e-4), suffix
         maps[suffix] = np.asanyarray(img.dataobj)
@@ -84,9 +84,10 @@ def test_good_case_written_on_t2_grid(bad_run):
     import imsct
     from imsct import weights
 
-    side = json.loads((out / "sub-001_T2w_seg-imsct.json").read_text())
+    side = json.loads((out / "sub-001" / "anat" / "sub-001_T2w_seg-imsct.json").read_text())
     assert side["GeneratedBy"] == {"Name": "imsct", "Version": imsct.__version__}
-    assert side["models"] == weights.record(weights.CASCADE_MODELS[False])
+    assert side["models"] == weights.record(weights.cascade_keys(False))  # the anatomy network too
+    assert "anatomy.pt" in side["models"] and side["levels"] is not None
     assert side["inputs"]["T2w"] == str((ds / "sub-001" / "anat" / "sub-001_T2w.nii.gz").resolve())
     vox = float(abs(np.linalg.det(t2.affine[:3, :3]))) / 1000.0
     assert side["volumes_cm3"]["tumor"] == pytest.approx((lab == 1).sum() * vox, abs=1e-4)
@@ -103,10 +104,32 @@ def test_each_bad_input_named_and_nothing_partial(bad_run):
         line = next((l for l in proc.stderr.splitlines() if l.strip().startswith(f"{name}_T2w:")), None)
         assert line is not None, name
         assert name in line.split(":", 1)[1] and problem in line, line
-        written = [p for p in out.iterdir() if p.name.startswith(name) and p != sentinel]
+        written = [p for p in out.rglob(f"{name}_*") if p != sentinel]
         assert written == [], written
     assert sentinel.read_bytes() == b"earlier result"
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in out.rglob(".tmp*")]
+
+
+def test_rerun_skips_complete_cases_into_bids_derivatives(bad_run):
+    """Outputs are BIDS derivatives (dataset_description.json naming the version and the models, a
+    volume table); a second run skips the case whose outputs are complete and newer than its inputs
+    and leaves its files untouched, while the bad cases fail again."""
+    import csv
+
+    import imsct
+
+    _, ds, out, problems, _ = bad_run
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Version"] == imsct.__version__
+    assert "anatomy.pt sha256" in desc["GeneratedBy"][0]["Description"]
+    lab = out / "sub-001" / "anat" / "sub-001_T2w_seg-imsct.nii.gz"
+    before = lab.stat().st_mtime_ns
+    proc = run_bundle(ds, out)
+    assert "sub-001_T2w: up to date, skipped" in proc.stdout + proc.stderr
+    assert lab.stat().st_mtime_ns == before
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "imsct_volumes.csv"))}
+    assert rows["sub-001_T2w"]["status"] == "skipped" and float(rows["sub-001_T2w"]["whole-tumor_cm3"]) >= 0.0
+    assert {k for k, r in rows.items() if r["status"] == "failed"} == {f"{n}_T2w" for n in problems}
 
 
 def test_metadata_has_specification_fields():
@@ -184,5 +207,6 @@ def test_empty_answer_through_the_bundle(tmp_path):
                       "--cord_constraint", "False")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no lesion found" in proc.stdout + proc.stderr
-    masks = sorted(out.glob("*_seg-*.nii.gz"))
+    masks = sorted(out.glob("sub-*/anat/*_seg-*.nii.gz"))
+    masks = [m for m in masks if "_seg-cord" not in m.name and "_seg-levels" not in m.name]
     assert len(masks) == 5 and all(not np.asarray(nib.load(m).dataobj).any() for m in masks)

@@ -49,7 +49,9 @@ def test_inference_config_matches_the_library_defaults(bundle_cascade):
 def test_inference_config_loads_the_table_s_weights():
     bundle = _bundle_cascade(backend="eager")
     lib = Cascade.from_models(backend="eager")
-    for a, b in ((bundle.localiser, lib.localiser), (bundle.segmenter, lib.segmenter)):
+    assert bundle.anatomy is not None and lib.anatomy is not None  # the cord-and-levels network, as the CLI runs it
+    assert bundle.models == lib.models
+    for a, b in ((bundle.localiser, lib.localiser), (bundle.segmenter, lib.segmenter), (bundle.anatomy, lib.anatomy)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa and sa.keys() == sb.keys() and all((sa[k] == sb[k]).all() for k in sa)
 

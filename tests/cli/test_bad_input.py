@@ -15,6 +15,7 @@ Each kind is built with nibabel / gzip directly from one small phantom case.
 from __future__ import annotations
 
 import gzip
+import csv
 import hashlib
 import re
 import shutil
@@ -292,6 +293,7 @@ def test_cli_morphometrics_refuses_bad_label_content(case, tmp_path, capsys, cli
 # ---- bundle ---------------------------------------------------------------------------------------
 
 def test_bundle_reports_each_bad_case_and_keeps_earlier_outputs(case, tmp_path):
+    from imsct.labels import CORD_SUFFIX, DISC_LABELS_SUFFIX, LEVELS_SUFFIX
     from support.cases import OUTPUT_SUFFIXES, run_bundle
 
     ds, out = tmp_path / "ds", tmp_path / "out"
@@ -320,7 +322,7 @@ def test_bundle_reports_each_bad_case_and_keeps_earlier_outputs(case, tmp_path):
     problems["sub-t1far"] = (t1, OTHER_KINDS["t1far"])
     # a write failure (here a folder where one output file goes): that case fails, the others go on
     subject("sub-writefail")
-    blocked = out / "sub-writefail_T2w_seg-tumor.nii.gz"
+    blocked = out / "sub-writefail" / "anat" / "sub-writefail_T2w_seg-tumor.nii.gz"  # BIDS derivatives layout
     blocked.mkdir(parents=True)
     problems["sub-writefail"] = (blocked, "is a folder")
 
@@ -328,7 +330,8 @@ def test_bundle_reports_each_bad_case_and_keeps_earlier_outputs(case, tmp_path):
     out.mkdir(exist_ok=True)
     for name in problems:
         if name != "sub-writefail":
-            (out / f"{name}_T2w_seg-tumor.nii.gz").write_bytes(f"earlier result of {name}".encode())
+            (out / name / "anat").mkdir(parents=True)
+            (out / name / "anat" / f"{name}_T2w_seg-tumor.nii.gz").write_bytes(f"earlier result of {name}".encode())
     out_before, ds_before = _sha_tree(out), _sha_tree(ds)
 
     proc = run_bundle(ds, out)
@@ -343,7 +346,12 @@ def test_bundle_reports_each_bad_case_and_keeps_earlier_outputs(case, tmp_path):
     assert {k: v for k, v in after.items() if k in out_before} == out_before
     assert _sha_tree(ds) == ds_before
     new = sorted(set(after) - set(out_before))
-    assert new == sorted([f"sub-good_T2w{s}.nii.gz" for s in OUTPUT_SUFFIXES] + ["sub-good_T2w_seg-imsct.json"]), new
+    good = [f"sub-good_T2w{s}.nii.gz" for s in (*OUTPUT_SUFFIXES, CORD_SUFFIX, LEVELS_SUFFIX, DISC_LABELS_SUFFIX)]
+    good = [f"sub-good/anat/{n}" for n in (*good, "sub-good_T2w_seg-imsct.json")]
+    assert new == sorted([*good, "dataset_description.json", "imsct_volumes.csv"]), new
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "imsct_volumes.csv"))}
+    assert rows["sub-good_T2w"]["status"] == "written" and len(rows) == len(problems) + 1
+    assert all(rows[f"{n}_T2w"]["status"] == "failed" for n in problems)
 
 
 # ---- server ---------------------------------------------------------------------------------------

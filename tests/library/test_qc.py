@@ -539,3 +539,34 @@ def html_unescape(text: str) -> str:
     import html
 
     return html.unescape(text)
+
+
+def test_levels_and_damage_ratio_from_the_masks_beside(tmp_path):
+    """With the tight cord and the level map that imsct segment writes beside the label map
+    (_seg-cord, _seg-levels), the QC morphometrics give each lesion its levels and the maximal
+    axial damage ratio, with no levels file; a level map on another grid is ignored, not misread."""
+    from imsct.labels import CORD_SUFFIX, LABELMAP_SUFFIX, LEVELS_SUFFIX
+    from imsct.levels import level_number
+
+    image, lab, affine = synthetic(("R", "A", "S"))
+    xyz = np.stack(np.meshgrid(*[np.arange(n) for n in lab.shape], indexing="ij"), -1) @ affine[:3, :3].T + affine[:3, 3]
+    cord = (np.abs(xyz[..., 1]) < 18).astype(np.uint8)  # the cord holds both lesions: the tumour fills 10/36 of its AP width
+    levels = np.where(xyz[..., 2] > 15, level_number("C4"), level_number("C5")).astype(np.uint8) * cord
+    t2 = save_volume(image, affine, tmp_path / "sub-a_T2w.nii.gz", np.float32)
+    seg = save_volume(lab, affine, tmp_path / f"sub-a_T2w{LABELMAP_SUFFIX}.nii.gz")
+    save_volume(cord, affine, tmp_path / f"sub-a_T2w{CORD_SUFFIX}.nii.gz")
+    save_volume(levels, affine, tmp_path / f"sub-a_T2w{LEVELS_SUFFIX}.nii.gz")
+    manifest = build_report(subjects_from_lists([t2], [seg]), tmp_path / "qc")
+    comps = manifest["subjects"][0]["morphometrics"]["components"]
+    by_class = {c["class"]: c for c in comps}
+    assert by_class["tumor"]["levels"] == ["C4", "C5"]  # 8..22 mm across the C4/C5 boundary at 15 mm
+    assert by_class["edema"]["levels"] == ["C5"]
+    ratio = by_class["tumor"]["max_axial_damage_ratio"]
+    assert ratio is not None and 0.15 < ratio < 0.6, ratio
+    assert "max. axial damage ratio" in (tmp_path / "qc" / "index.html").read_text()
+    # the same level map on a shifted grid is not used (no levels rather than wrong ones)
+    shifted = affine.copy()
+    shifted[:3, 3] += 5.0
+    save_volume(levels, shifted, tmp_path / f"sub-a_T2w{LEVELS_SUFFIX}.nii.gz")
+    manifest = build_report(subjects_from_lists([t2], [seg]), tmp_path / "qc2")
+    assert all(not c["levels"] for c in manifest["subjects"][0]["morphometrics"]["components"])
