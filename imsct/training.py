@@ -120,12 +120,21 @@ def stage1_sample(npz: Path, rng: np.random.Generator, crop=(256, 128, 32)) -> t
     return x, y
 
 
-def stage2_region(d, crop_to_cord: bool = True) -> tuple[slice, ...]:
+def stage2_region(d, crop_to_cord: bool = True, whole_length: bool = False) -> tuple[slice, ...]:
     """Where stage 2 works on a cached case: the true cord box grown as at test time, or the whole
-    working field (``crop_to_cord=False``: the single-network baseline without the cascade)."""
+    working field (``crop_to_cord=False``: the single-network baseline without the cascade).
+
+    ``whole_length``: the box runs the whole superior-inferior length of the field (axis 0 of the
+    working grid), as stage 1's region does at test time in long fields, where it reaches past the
+    conus and into the brainstem; training and validating inside the true cord box only, a network
+    never sees what lies beyond the cord's ends (measured: the anatomy network called the 60-95 mm
+    below the conus cord on every lumbar field, so the levels could not be numbered from the conus)."""
     box = cord_box(d["cord"] > 0, d["t2"].shape) if crop_to_cord else None
     lo, hi = box if box is not None else (np.zeros(3, int), np.asarray(d["t2"].shape))
-    return tuple(slice(a, b) for a, b in zip(lo, hi))
+    if whole_length:
+        lo, hi = np.array(lo), np.array(hi)
+        lo[0], hi[0] = 0, d["t2"].shape[0]
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion: float = 0.67, crop_to_cord: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +143,7 @@ def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion:
     replicate-padded and the padding marked invalid (:mod:`imsct.windows`): the third channel is
     the validity mask that :class:`imsct.networks.PatchNormalised` reads and drops."""
     d = np.load(npz)
-    sl = stage2_region(d, crop_to_cord)
+    sl = stage2_region(d, crop_to_cord, whole_length=crop_to_cord)
     img = np.stack([d["t2"][sl], d["t1"][sl]])
     tgt = stage2_target(d["label"][sl])
     centre = None
@@ -155,14 +164,15 @@ def anatomy_target(d) -> np.ndarray:
     return np.stack([d[k] for k in ANATOMY_SUFFIXES]).astype(np.float32)
 
 
-def anatomy_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """A patch of [T2w, validity] inside the true cord box with its [cord, discs] targets (stage 3:
-    the anatomy network sees what stage 2 sees, without the T1w), centred on a cord voxel."""
+def anatomy_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_cord: float = 0.67) -> tuple[np.ndarray, np.ndarray]:
+    """A patch of [T2w, validity] inside the cord box over the field's whole length with its [cord,
+    discs] targets (stage 3: the anatomy network sees what stage 2 sees, without the T1w), centred on
+    a cord voxel with probability ``p_cord``, else anywhere in the box (beyond the conus too)."""
     d = np.load(npz)
-    sl = stage2_region(d)
+    sl = stage2_region(d, whole_length=True)
     img, tgt = d["t2"][sl][None], anatomy_target(d)[(slice(None), *sl)]
     idx = np.argwhere(tgt[0] > 0)
-    centre = idx[rng.integers(len(idx))] if len(idx) else None
+    centre = idx[rng.integers(len(idx))] if len(idx) and rng.random() < p_cord else None
     x, y, valid = _random_crop([img, tgt], patch, rng, centre, pad="replicate")
     return np.concatenate([x, valid[None]]), y
 
@@ -285,11 +295,11 @@ class ValidationDataset(torch.utils.data.Dataset):
             x, y = stage1_sample(f, np.random.default_rng(0), None)
         elif self.stage == 3:
             d = np.load(f)
-            sl = stage2_region(d)
+            sl = stage2_region(d, whole_length=True)
             x, y = d["t2"][sl][None], anatomy_target(d)[(slice(None), *sl)]
         else:
             d = np.load(f)
-            sl = stage2_region(d, crop_to_cord=self.stage == 2)
+            sl = stage2_region(d, crop_to_cord=self.stage == 2, whole_length=self.stage == 2)
             x, y = np.stack([d["t2"][sl], d["t1"][sl]]), stage2_target(d["label"][sl])
             if self.t2_only:
                 x[1] = 0.0

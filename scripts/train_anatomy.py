@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=6, help="validations without improvement before stopping")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in WORK/stage3")
+    ap.add_argument("--finetune", metavar="PT", help="start from these anatomy weights (e.g. bundle/models/anatomy.pt)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate (cosine-annealed over --epochs)")
     ap.add_argument("--no-train", action="store_true", help="collect and evaluate an existing WORK/stage3/best.pt")
     ap.add_argument("--eval-cases", type=int, default=24)
     ap.add_argument("--eval-seed", type=int, default=9200)
@@ -66,6 +68,10 @@ def main(argv=None) -> int:
     plan = dict(dataset_dir=data, output_dir=out, cache_dir=cache, stage=3, seed=args.seed, val_fraction=args.val_fraction,
                 val_interval=args.val_interval, early_stop_patience=args.patience, epochs=args.epochs,
                 samples_per_epoch=args.samples, batch_size=args.batch, patch_size=args.patch)
+    if args.lr != 1e-3:
+        plan["learning_rate"] = args.lr
+    if args.finetune:
+        plan.update(finetune=True, finetune_ckpt=Path(args.finetune).resolve())
     if args.resume:
         plan["resume"] = True
     cmd = bundle_train_command(**plan)

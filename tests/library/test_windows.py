@@ -139,3 +139,33 @@ def test_validation_uses_the_inference_windows():
     p.read_config(str(BUNDLE / "configs" / "train.json"))
     p["stage"] = 1
     assert not isinstance(p.get_parsed_content("validate#inferer#inferer"), PaddingSafeInferer)  # stage 1's field is its own
+
+
+def test_anatomy_patches_and_validation_reach_past_the_cord_ends(tmp_path):
+    """Stage 3 trains and validates over the field's whole superior-inferior length, as stage 1's
+    region reaches at test time in long fields: some patches lie wholly below the conus (where the
+    cord target is empty), and the validation input is the whole length, not the cord box."""
+    from imsct.training import PatchDataset, ValidationDataset, anatomy_sample
+
+    shape = (300, 60, 20)  # axis 0: inferior (0) to superior
+    rows = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None] + 1.0, shape)
+    cord = np.zeros(shape, np.uint8)
+    cord[150:, 25:35, 8:12] = 1  # the cord ends at row 150 (the conus); below it, other tissue
+    discs = np.zeros(shape, np.uint8)
+    discs[200:206, 36:44, 8:12] = 1
+    npz = tmp_path / "long.npz"
+    np.savez(npz, t2=np.ascontiguousarray(rows), t1=np.ones(shape, np.float32), label=np.zeros(shape, np.uint8), cord=cord,
+             tight_cord=cord, discs=discs, affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    rng = np.random.default_rng(0)
+    below = 0
+    for _ in range(40):
+        x, y = anatomy_sample(npz, rng, (64, 64, 32))
+        assert x.shape == (2, 64, 64, 32) and y.shape == (2, 64, 64, 32)
+        top_row = x[0][x[1] > 0].max() - 1.0
+        if top_row < 150:  # wholly below the cord's end
+            below += 1
+            assert not y[0].any()
+    assert 3 <= below <= 30, below  # seen, while most patches still hold cord
+    item = ValidationDataset([npz], 3)[0]
+    assert item["image"].shape[1] == shape[0] and item["label"].shape[0] == 2
+    assert len(PatchDataset([npz], 3, (64, 64, 32), samples=2)) == 2
