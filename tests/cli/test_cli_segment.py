@@ -383,3 +383,21 @@ def test_a_bad_disc_label_fails_before_segmenting(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and str(bad) in err and "found labels 4, 6" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_no_anatomy_skips_cord_and_levels(tmp_path, capsys):
+    """--no-anatomy: the masks without the tight cord, level map and disc labels, and a sidecar that
+    names only the models that ran; --disc-label with it is refused before anything is read."""
+    from imsct.phantoms import generate_case, write_case
+    from support.cases import LIKE_SHIPPED_TRAINING
+
+    paths = write_case(generate_case(9503, 0, max_voxels=200_000, **LIKE_SHIPPED_TRAINING), tmp_path / "ds")
+    out = tmp_path / "out"
+    rc = cli.main(["segment", "--t2", str(paths["t2"]), "--t1", str(paths["t1"]), "-o", str(out), "--disc-label",
+                   str(paths["t2"]), "--no-anatomy"])
+    assert rc == 2 and "not with --no-anatomy" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["segment", "--t2", str(paths["t2"]), "--t1", str(paths["t1"]), "-o", str(out), "--no-anatomy"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if "_seg-cord" in n or "_seg-levels" in n or "_label-discs" in n], names
+    side = json.loads(next(out.glob("*_seg-imsct.json")).read_text())
+    assert "anatomy.pt" not in side["models"] and side["levels"] is None and "localiser.pt" in side["models"]
