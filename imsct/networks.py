@@ -148,7 +148,7 @@ def localiser(**kw) -> ModifiedUNet3D:
     return ModifiedUNet3D(in_channels=1, out_channels=1, base_filters=8, **kw)
 
 
-def tumour_network(**kw) -> PatchNormalised:
+def tumor_network(**kw) -> PatchNormalised:
     """Stage 2: [T2w, T1w] in, [tumour, edema, cavity, whole tumour] out; 16 base filters."""
     return PatchNormalised(ModifiedUNet3D(in_channels=2, out_channels=4, base_filters=16, **kw))
 

@@ -7,8 +7,8 @@ module for a model by its key; no other file spells a weights file name.
 key                file                 stage  inputs      outputs
 =================  ===================  =====  ==========  ==============================================
 ``localiser``      ``localiser.pt``     1      T2w         cord region
-``tumour``         ``model.pt``         2      T2w, T1w    tumour, edema, cavity, whole tumour
-``tumour_t2only``  ``model_t2only.pt``  2      T2w, zeros  tumour, edema, cavity, whole tumour
+``tumor``         ``model.pt``         2      T2w, T1w    tumour, edema, cavity, whole tumour
+``tumor_t2only``  ``model_t2only.pt``  2      T2w, zeros  tumour, edema, cavity, whole tumour
 ``anatomy``        ``anatomy.pt``       3      T2w         tight spinal cord, intervertebral discs
 =================  ===================  =====  ==========  ==============================================
 
@@ -58,10 +58,10 @@ def _localiser() -> torch.nn.Module:
     return localiser()
 
 
-def _tumour() -> torch.nn.Module:
-    from .networks import tumour_network
+def _tumor() -> torch.nn.Module:
+    from .networks import tumor_network
 
-    return tumour_network()
+    return tumor_network()
 
 
 def _anatomy() -> torch.nn.Module:
@@ -73,17 +73,17 @@ def _anatomy() -> torch.nn.Module:
 MODELS: dict[str, ModelFile] = {m.key: m for m in (
     ModelFile("localiser", "localiser.pt", 1, ("T2w",), ("cord",), _localiser,
               "stage 1: spinal cord region on the T2w (8 base filters)"),
-    ModelFile("tumour", "model.pt", 2, ("T2w", "T1w"), STAGE2_CHANNELS, _tumour,
+    ModelFile("tumor", "model.pt", 2, ("T2w", "T1w"), STAGE2_CHANNELS, _tumor,
               "stage 2: tumour, edema, cavity, whole tumour from T2w + Gd-T1w (16 base filters)"),
-    ModelFile("tumour_t2only", "model_t2only.pt", 2, ("T2w", "T1w (always zero)"), STAGE2_CHANNELS, _tumour,
-              "stage 2 without the T1w: fine-tuned from 'tumour' with the T1w channel zeroed"),
+    ModelFile("tumor_t2only", "model_t2only.pt", 2, ("T2w", "T1w (always zero)"), STAGE2_CHANNELS, _tumor,
+              "stage 2 without the T1w: fine-tuned from 'tumor' with the T1w channel zeroed"),
     ModelFile("anatomy", "anatomy.pt", 3, ("T2w",), ANATOMY_CHANNELS, _anatomy,
               "stage 3: tight spinal cord and intervertebral discs on stage 2's box (8 base filters): "
               "the cord mask and vertebral levels"),
 )}
 
 # the models a cascade needs, per mode
-CASCADE_MODELS = {False: ("localiser", "tumour"), True: ("localiser", "tumour_t2only")}
+CASCADE_MODELS = {False: ("localiser", "tumor"), True: ("localiser", "tumor_t2only")}
 OPTIONAL_MODELS = ("anatomy",)  # used when their file is in the models folder (cord mask and levels)
 
 
@@ -97,7 +97,8 @@ def spec(key: str) -> ModelFile:
     try:
         return MODELS[key]
     except KeyError:
-        raise KeyError(f"unknown model {key!r}; known: {', '.join(MODELS)}") from None
+        hint = f" (renamed {key.replace('tumour', 'tumor')!r}, the spelling of its label)" if "tumour" in key else ""
+        raise KeyError(f"unknown model {key!r}{hint}; known: {', '.join(MODELS)}") from None
 
 
 def stage_model(stage: int, t2_only: bool = False) -> ModelFile:
@@ -107,7 +108,7 @@ def stage_model(stage: int, t2_only: bool = False) -> ModelFile:
         raise ValueError(f"stage {stage}: expected 1, 2 or 3")
     if stage == 3:
         return MODELS["anatomy"]
-    return MODELS["localiser" if stage == 1 else ("tumour_t2only" if t2_only else "tumour")]
+    return MODELS["localiser" if stage == 1 else ("tumor_t2only" if t2_only else "tumor")]
 
 
 def path(key: str, models_dir: str | Path | None = None) -> Path:

@@ -164,7 +164,7 @@ def run_config(backend: str, cascade_mode: bool, t2p: Path, t1p: Path, models: P
         field = fitted_field(w.shape, cascade.field_size) if cascade.fit_field else cascade.field_size
         flops["localise"] = conv_flops(weights.build("localiser"), (1, 1, *field))
         n_windows = seen_windows[0] / len(runs)
-        flops["segment"] = n_windows * conv_flops(weights.build("tumour"), (1, 2, *cascade.inferer.roi_size))
+        flops["segment"] = n_windows * conv_flops(weights.build("tumor"), (1, 2, *cascade.inferer.roi_size))
         flops["windows"] = n_windows
     return {"backend": f"{backend}: {cascade.backend}" + ("" if cascade.fit_field else ", 512x256x32 field"), "cascade": cascade_mode, "threads": torch.get_num_threads(), "load_models_s": load_models_s,
             "cold_total_s": runs[0]["total"], **steady, "flops": flops,

@@ -19,7 +19,7 @@ its validation picked (``best.pt``, highest validation mean Dice, as train_shipp
 shipped weights), stored as float16 like the shipped weights.
 
 With ``--reuse-cascade PROVENANCE`` the cascade arm is not retrained: its weights are the ones
-next to that provenance.json (the 'tumour' weights of imsct.weights), its recipe (epochs, samples, batch, patch, seed,
+next to that provenance.json (the 'tumor' weights of imsct.weights), its recipe (epochs, samples, batch, patch, seed,
 validation fraction and interval) is read from the record's stage-2 bundle command and used for the
 single-network arm, and its training time comes from the record (and its log, when given).
 """
@@ -69,7 +69,7 @@ def patches_per_pass(files, crop_to_cord: bool, roi=(128, 128, 32), stride=(64, 
 
 def select_weights(run_dir: Path, out: Path) -> tuple[Path, str]:
     """The checkpoint validation picked (best.pt), stored as float16 like the shipped weights."""
-    from imsct.networks import tumour_network
+    from imsct.networks import tumor_network
     from imsct.weights import load_weights, save_weights
 
     best = run_dir / "best.pt"
@@ -80,11 +80,11 @@ def select_weights(run_dir: Path, out: Path) -> tuple[Path, str]:
         how = f"{src.name} (last epoch; no validation checkpoint)"
         import torch
 
-        net = tumour_network()
+        net = tumor_network()
         net.load_state_dict(torch.load(src, map_location="cpu", weights_only=False)["model"])
         save_weights(net, out)
         return out, how
-    save_weights(load_weights(tumour_network(), src), out)
+    save_weights(load_weights(tumor_network(), src), out)
     return out, how
 
 
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         iters = args.epochs * args.samples // args.batch
         st2 = record["stages"]["2"]
         log_s = seconds_per_iteration(Path(args.cascade_log).read_text()) if args.cascade_log else float("nan")
-        reused = {"weights": str(imsct_weights.path("tumour", Path(args.reuse_cascade).parent)), "wall_s": st2["wall_s"], "threads": st2["threads"],
+        reused = {"weights": str(imsct_weights.path("tumor", Path(args.reuse_cascade).parent)), "wall_s": st2["wall_s"], "threads": st2["threads"],
                   "seconds_per_iteration": log_s if log_s == log_s else st2["wall_s"] / iters,
                   "seconds_per_iteration_source": f"median gap between iterations in {args.cascade_log}" if log_s == log_s
                   else "recorded wall time / iterations (includes validation)",
@@ -184,8 +184,8 @@ def main(argv=None) -> int:
 
         single = Path(args.out) / "stage0" / "model_fp16.pt"
         cascade_w = Path(reused["weights"]) if reused else Path(args.out) / "stage2" / "model_fp16.pt"
-        cascades = {"cascade": Cascade(imsct_weights.load("localiser", args.models), imsct_weights.load("tumour", file=cascade_w)),
-                    "single network": Cascade(None, imsct_weights.load("tumour", file=single))}
+        cascades = {"cascade": Cascade(imsct_weights.load("localiser", args.models), imsct_weights.load("tumor", file=cascade_w)),
+                    "single network": Cascade(None, imsct_weights.load("tumor", file=single))}
         cases = [c for c in find_cases(args.heldout) if c.labels][: args.timing_cases]
         timing = interleaved_timing(cascades, cases)
         timing["cases"] = [c.name for c in cases]
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
             parsed = parse_log(log)
             wall = walls.get(arm) or log_span_s(log)
             s_per_it, curve, epochs_done = seconds_per_iteration(log), parsed["val_mean_dice"], parsed["epochs_done"]
-        seg = imsct_weights.load("tumour", file=weights)
+        seg = imsct_weights.load("tumor", file=weights)
         loc = imsct_weights.load("localiser", args.models) if stage == 2 else None
         print(f"{arm}: evaluating {weights} on {heldout}", flush=True)
         cpu0 = time.process_time()

@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         if failed:
             print(f"split {split}: training failed, see {sdir}/stage*.log", file=sys.stderr)
             return 1
-        cascade = Cascade(weights.load("localiser", file=sdir / "stage1" / "best.pt"), weights.load("tumour", file=sdir / "stage2" / "best.pt"))
+        cascade = Cascade(weights.load("localiser", file=sdir / "stage1" / "best.pt"), weights.load("tumor", file=sdir / "stage2" / "best.pt"))
         t_eval = time.time()
         rows = [evaluate_case(cascade, c)[0] for c in test]
         summary = summarise(rows)

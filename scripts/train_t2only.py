@@ -2,10 +2,10 @@
 
     python scripts/train_t2only.py --work work/shipped --epochs 15 --samples 40 --batch 4
 
-Fine-tunes the shipped two-contrast network (model 'tumour' of imsct.weights) through the bundle's
+Fine-tunes the shipped two-contrast network (model 'tumor' of imsct.weights) through the bundle's
 train.json with ``--t1_dropout 1.0`` (the T1w channel is always zero, as inference without T1w
 feeds it) on the same training phantoms and split as the shipped weights, copies the best
-checkpoint as model 'tumour_t2only' in bundle/models/, then evaluates both the two-contrast and the T2w-only
+checkpoint as model 'tumor_t2only' in bundle/models/, then evaluates both the two-contrast and the T2w-only
 cascade on the same held-out phantoms and records everything in
 bundle/models/provenance_t2only.json.
 """
@@ -28,7 +28,7 @@ from bundle_train import parse_log, start_bundle_training  # noqa: E402
 from imsct import weights  # noqa: E402
 from imsct.labels import REPORT_ORDER as KEYS  # noqa: E402
 
-WEIGHTS = {"two_contrast": weights.spec("tumour").filename, "t2_only": weights.spec("tumour_t2only").filename}
+WEIGHTS = {"two_contrast": weights.spec("tumor").filename, "t2_only": weights.spec("tumor_t2only").filename}
 
 
 def main(argv=None) -> int:
@@ -56,14 +56,14 @@ def main(argv=None) -> int:
         t0 = time.time()
         proc, cmd = start_bundle_training(
             log, args.threads, dataset_dir=work / "train", output_dir=out, cache_dir=work / "cache", stage=2,
-            finetune=True, finetune_ckpt=weights.path("tumour", models), t1_dropout=1.0, seed=args.seed, val_fraction=args.val_fraction,
+            finetune=True, finetune_ckpt=weights.path("tumor", models), t1_dropout=1.0, seed=args.seed, val_fraction=args.val_fraction,
             val_interval=args.val_interval, epochs=args.epochs, samples_per_epoch=args.samples, batch_size=args.batch,
             patch_size=args.patch)
         print(f"training, log in {log}", flush=True)
         if proc.wait() != 0:
             print(f"training failed; see {log}", file=sys.stderr)
             return 1
-        weights.save_weights(weights.load("tumour_t2only", file=out / "best.pt"), weights.path("tumour_t2only", models))
+        weights.save_weights(weights.load("tumor_t2only", file=out / "best.pt"), weights.path("tumor_t2only", models))
         record = {
             "command": "python scripts/train_t2only.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "start": f"bundle/models/{WEIGHTS['two_contrast']} (the shipped two-contrast network), fine-tuned with the T1w channel always zero",

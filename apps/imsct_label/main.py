@@ -1,7 +1,7 @@
 """IMSCT MONAI Label app: ``monailabel start_server --app apps/imsct_label --studies DIR --host 127.0.0.1``.
 
-Models ``cascade`` (tumour 1, edema 2, cavity 3), ``localiser`` (cord region) and ``tumour``
-(stage 2 inside the case's saved cord label); trainers ``tumour`` and ``localiser``; strategies
+Models ``cascade`` (tumor 1, edema 2, cavity 3), ``localiser`` (cord region) and ``tumor``
+(stage 2 inside the case's saved cord label); trainers ``tumor`` and ``localiser``; strategies
 ``random``, ``first``, ``uncertainty``; scoring ``dice``. See README.md beside this file.
 """
 
@@ -28,7 +28,7 @@ from lib.activelearning import MCDropoutUncertainty, RandomStrategy
 from lib.config import AppConfig
 from lib.contrasts import T1_DIR
 from lib.datastore import TwoContrastDatastore, discard_upload
-from lib.infer import CascadeInfer, LocaliserInfer, TumourInfer
+from lib.infer import CascadeInfer, LocaliserInfer, TumorInfer
 from lib.models import ModelStore, seed_models
 from lib.scoring import MulticlassDice, score_image
 from lib.train import StageTrainer
@@ -37,7 +37,7 @@ from lib.web import install as install_web_rules
 log = logging.getLogger(__name__)
 
 FINAL = DefaultLabelTag.FINAL.value
-TUMOUR_MODELS = ("cascade", "tumour")  # models whose output is a tumour label map (kept as 'original')
+TUMOR_MODELS = ("cascade", "tumor")  # models whose output is a tumour label map (kept as 'original')
 
 
 class IMSCTApp(MONAILabelApp):
@@ -78,11 +78,11 @@ class IMSCTApp(MONAILabelApp):
         return {
             "cascade": CascadeInfer(self.store, self.datastore),
             "localiser": LocaliserInfer(self.store, self.datastore),
-            "tumour": TumourInfer(self.store, self.datastore),
+            "tumor": TumorInfer(self.store, self.datastore),
         }
 
     def init_trainers(self):
-        return {name: StageTrainer(name, self.cfg) for name in ("tumour", "localiser")}
+        return {name: StageTrainer(name, self.cfg) for name in ("tumor", "localiser")}
 
     def init_strategies(self):
         return {"random": RandomStrategy(), "first": First(), "uncertainty": MCDropoutUncertainty(self.store, self.cfg.mc_samples)}
@@ -109,7 +109,7 @@ class IMSCTApp(MONAILabelApp):
         image = request.get("image")
         if isinstance(image, str) and image and not os.path.exists(image):
             request["image_id"] = image  # the T1w is looked up by the datastore id
-            if request.get("model") in TUMOUR_MODELS:
+            if request.get("model") in TUMOR_MODELS:
                 request.setdefault("save_label", True)  # the model's label is what the final label is scored against
         try:
             return super().infer(request, datastore)

@@ -6,7 +6,7 @@ import argparse
 
 HELP = "Export the networks of a models folder (localiser, tumour, T2w-only) to TorchScript and/or ONNX."
 EXAMPLE = ("imsct export --models bundle/models --format both\n"
-           "  imsct export --models bundle/models --out exported/ --format onnx --model tumour")
+           "  imsct export --models bundle/models --out exported/ --format onnx --model tumor")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -56,8 +56,8 @@ def server(cases, tmp_path_factory):
     (studies / "T1w").mkdir()
     shutil.copy(cases["sub-001"]["t2"], studies / "sub-001.nii.gz")
     shutil.copy(cases["sub-001"]["t1"], studies / "T1w" / "sub-001.nii.gz")
-    conf = {"retrain_after": 2, "retrain_models": "tumour,localiser", "train_iterations": 1, "train_batch_size": 1,
-            "tumour_patch": "32,32,16", "localiser_patch": "32,32,16", "gate_tolerance": 1, "mc_samples": 2}
+    conf = {"retrain_after": 2, "retrain_models": "tumor,localiser", "train_iterations": 1, "train_batch_size": 1,
+            "tumor_patch": "32,32,16", "localiser_patch": "32,32,16", "gate_tolerance": 1, "mc_samples": 2}
     # serve.py = monailabel start_server --app apps/imsct_label, on 127.0.0.1 unless --host is given
     srv = MonaiLabelServer(studies, tmp_path_factory.mktemp("label_app_server"), conf, start_timeout=SERVER_START_S)
     try:
@@ -102,7 +102,10 @@ def test_bad_app_options_are_named():
     ok = cfg.AppConfig.from_conf({"retrain_after": "3"}, str(APP), "/data/studies")
     assert ok.retrain_after == 3 and ok.models_dir == Path("/data/studies/.imsct/models")
     assert ok.shipped_models == ROOT / "bundle" / "models"
-    for conf, words in (({"tumour_patch": "30,30,30"}, "tumour_patch"), ({"retrain_after": "many"}, "retrain_after"),
+    # the names before the model took its label's spelling still start the app, with the new meaning
+    old = cfg.AppConfig.from_conf({"tumour_patch": "32,32,16", "retrain_models": "tumour,localiser"}, str(APP), "/data/studies")
+    assert old.tumor_patch == (32, 32, 16) and old.retrain_models == ("tumor", "localiser")
+    for conf, words in (({"tumor_patch": "30,30,30"}, "tumor_patch"), ({"retrain_after": "many"}, "retrain_after"),
                         ({"retrain_models": "tumour,spleen"}, "spleen"), ({"mc_samples": "1"}, "at least 2")):
         with pytest.raises(cfg.ConfError, match=words):
             cfg.AppConfig.from_conf(conf, str(APP), "/data/studies")
@@ -131,24 +134,25 @@ def _error(call) -> str:
 
 def test_info_lists_models_labels_colours_and_tasks(server):
     info = server["client"].info()
-    assert set(info["models"]) == {"cascade", "localiser", "tumour"}
-    for name in ("cascade", "tumour"):
+    assert set(info["models"]) == {"cascade", "localiser", "tumor"}
+    assert "tumor" in info["labels"]  # one spelling: the stage-2 model is named as the label it draws
+    for name in ("cascade", "tumor"):
         m = info["models"][name]
         assert m["labels"] == LABELS
         assert m["label_colors"] == {k: list(v) for k, v in COLOURS.items()}
-        assert set(m["weights"]) == {"localiser", "tumour"}
+        assert set(m["weights"]) == {"localiser", "tumor"}
     assert info["models"]["localiser"]["labels"] == {"cord": 1}
     for name, m in info["models"].items():  # annotators read there what the weights were trained on
         assert "synthetic phantoms only" in m["description"], (name, m["description"])
     assert info["labels"] == LABELS
-    assert set(info["trainers"]) == {"tumour", "localiser"}
+    assert set(info["trainers"]) == {"tumor", "localiser"}
     assert {"random", "first", "uncertainty"} <= set(info["strategies"])
     assert "dice" in info["scoring"]
     # the served weights start as the bundle's shipped ones
     import hashlib
 
-    shipped = hashlib.sha256(weights.path("tumour").read_bytes()).hexdigest()[:16]
-    assert info["models"]["cascade"]["weights"]["tumour"]["sha256"] == shipped
+    shipped = hashlib.sha256(weights.path("tumor").read_bytes()).hexdigest()[:16]
+    assert info["models"]["cascade"]["weights"]["tumor"]["sha256"] == shipped
 
 
 def test_upload_two_contrast_case(server, cases, tmp_path):
@@ -196,10 +200,10 @@ def test_infer_cascade_gives_label_map_on_t2w_grid(server, cases):
 
 def test_tumour_stage_alone_uses_saved_cord_label(server, cases):
     client = server["client"]
-    msg = _error(lambda: client.infer("tumour", "sub-002", {}))
+    msg = _error(lambda: client.infer("tumor", "sub-002", {}))
     assert "422" in msg and "cord" in msg
     client.save_label("sub-002", str(cases["sub-002"]["_sc-mask"]), tag="cord")
-    out, params = client.infer("tumour", "sub-002", {})
+    out, params = client.infer("tumor", "sub-002", {})
     lab = nib.load(out)
     assert lab.shape == nib.load(cases["sub-002"]["t2"]).shape
     assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2, 3}
@@ -238,7 +242,7 @@ def test_next_sample_by_each_strategy(server):
 def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
     client = server["client"]
     info0 = client.info()
-    sha0 = info0["models"]["cascade"]["weights"]["tumour"]["sha256"]
+    sha0 = info0["models"]["cascade"]["weights"]["tumor"]["sha256"]
     client.save_label("sub-001", str(cases["sub-001"]["_sc-mask"]), tag="cord")
     # a label that is not a tumour label map on the T2w grid is refused before it replaces anything
     truth_img = load_volume(cases["sub-001"]["truth"])
@@ -261,7 +265,7 @@ def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
     assert stored["whole-tumor"] == pytest.approx(dice(orig > 0, truth > 0), abs=1e-4)
 
     res2 = client.save_label("sub-002", str(cases["sub-002"]["truth"]), tag="final")
-    assert {"tumour", "localiser"} <= set(res2["retrain"])  # the second new final label starts both trainers
+    assert {"tumor", "localiser"} <= set(res2["retrain"])  # the second new final label starts both trainers
     assert res2["new_final_labels"] == 0
     deadline = time.monotonic() + TRAIN_WAIT_S
     while True:
@@ -270,10 +274,10 @@ def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
             break
         assert time.monotonic() < deadline, "retraining did not finish"
         time.sleep(3)
-    assert [t["request"]["model"] for t in tasks] == ["tumour", "localiser"]
+    assert [t["request"]["model"] for t in tasks] == ["tumor", "localiser"]
     assert all(t["status"] == "DONE" for t in tasks), tasks
     info = client.info()
-    for trainer, stage in (("tumour", 2), ("localiser", 1)):  # each trainer shows its own stage's rounds
+    for trainer, stage in (("tumor", 2), ("localiser", 1)):  # each trainer shows its own stage's rounds
         stats = info["train_stats"][trainer]
         assert stats["rounds"] == 1 and stats["published_rounds"] == 1, stats
         assert stats["last_round"]["stage"] == stage and stats["last_round"]["published"] is True
@@ -281,9 +285,9 @@ def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
 
     # the new models are served without a restart
     served = info["models"]["cascade"]["weights"]
-    assert served["tumour"]["sha256"] != sha0
+    assert served["tumor"]["sha256"] != sha0
     assert served["localiser"]["sha256"] != info0["models"]["cascade"]["weights"]["localiser"]["sha256"]
-    out, params = client.infer("tumour", "sub-002", {})
+    out, params = client.infer("tumor", "sub-002", {})
     assert params["model_version"] == served
     assert server["proc"].poll() is None
 
@@ -318,13 +322,13 @@ def test_corrupt_weight_file_is_refused_and_the_previous_model_keeps_serving(tmp
     store = ModelStore(models)
     first = store.cascade()
     version = store.version()
-    good = weights.path("tumour", models).read_bytes()
-    weights.path("tumour", models).write_bytes(good[: len(good) // 3])  # a half-written / corrupt file
+    good = weights.path("tumor", models).read_bytes()
+    weights.path("tumor", models).write_bytes(good[: len(good) // 3])  # a half-written / corrupt file
     assert store.cascade() is first
     assert store.version() == version
     assert str(models) in store.refused["reason"]
     assert store.cascade() is first  # refused once, not retried at every request
-    weights.path("tumour", models).write_bytes(good)
+    weights.path("tumor", models).write_bytes(good)
     assert store.cascade() is not first and store.refused is None
 
     fresh = ModelStore(models)

@@ -158,7 +158,7 @@ def test_every_route_needs_the_token(secured):
         _refused(requests.get(url + path, headers={"Authorization": "Basic " + token}, timeout=30))
         _refused(requests.get(url + path, cookies={"imsct_label_token": token[:-1]}, timeout=30))
     ok = requests.get(url + "/info/", headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    assert ok.status_code == 200 and set(ok.json()["models"]) == {"cascade", "localiser", "tumour"}
+    assert ok.status_code == 200 and set(ok.json()["models"]) == {"cascade", "localiser", "tumor"}
     # what stays open says only that a token is needed
     assert requests.get(url + "/auth/", timeout=30).json()["enabled"] is True
     assert token not in secured["server"].log_tail(10**7)  # the token is never logged
@@ -179,7 +179,7 @@ def test_refused_requests_change_nothing(secured):
                                   data={"params": "{}"}, headers=headers, timeout=60))
         _refused(requests.delete(f"{url}/datastore/image?id=sub-001", headers=headers, timeout=30))
         _refused(requests.post(f"{url}/infer/cascade?image=sub-001", json={}, headers=headers, timeout=60))
-        _refused(requests.post(f"{url}/train/tumour", json={}, headers=headers, timeout=30))
+        _refused(requests.post(f"{url}/train/tumor", json={}, headers=headers, timeout=30))
         _refused(requests.post(f"{url}/scoring/dice", json={}, headers=headers, timeout=30))
     assert tree_digest(studies) == before
 
@@ -266,7 +266,7 @@ def test_foreign_origin_is_refused_even_with_the_token(secured):
                 requests.put(f"{url}/datastore/label?image=sub-001&tag=final", files={"label": ("l.nii.gz", f)},
                              data={"params": "{}"}, headers=headers, timeout=60),
                 requests.delete(f"{url}/datastore/image?id=sub-001", headers=headers, timeout=30),
-                requests.post(f"{url}/train/tumour", json={}, headers=headers, timeout=30),
+                requests.post(f"{url}/train/tumor", json={}, headers=headers, timeout=30),
                 requests.post(f"{url}/auth/token", data={"username": "a", "password": token}, headers={"Origin": origin}, timeout=30),
             ]
         for r in answers:

@@ -9,7 +9,7 @@ and retraining can run on them). The tests run in file order and build on each o
    was sent for that case, the datastore JSON lists all 50, and a reader polling the files on disk
    meanwhile never sees a datastore JSON that does not parse nor a label file with other bytes than
    the ones sent (what a crash at that instant would leave behind);
-2. twenty inferences at once (``tumour``: stage 2 inside the saved cord label): all answer a label
+2. twenty inferences at once (``tumor``: stage 2 inside the saved cord label): all answer a label
    map on the T2w grid and the server answers afterwards;
 3. a retraining round SIGKILLed while it iterates: served weights, labels and datastore JSON stay
    byte-identical, nothing new in the served model folder, and the next round clears what a kill
@@ -125,8 +125,8 @@ def server(data, tmp_path_factory):
     """One server for the module (test 4 restarts it on the same folder). No automatic retraining;
     rounds started by the test are tiny (32x32x16 patches, batch 1) and always publish. Uploads
     above 8 MiB decompressed are refused; pages of VIEWER may use it; its TMPDIR is a test folder."""
-    conf = {"retrain_after": 0, "retrain_models": "tumour", "train_iterations": 2, "train_batch_size": 1,
-            "tumour_patch": "32,32,16", "localiser_patch": "32,32,16", "gate_tolerance": 1, "max_upload_mb": MAX_UPLOAD_MB}
+    conf = {"retrain_after": 0, "retrain_models": "tumor", "train_iterations": 2, "train_batch_size": 1,
+            "tumor_patch": "32,32,16", "localiser_patch": "32,32,16", "gate_tolerance": 1, "max_upload_mb": MAX_UPLOAD_MB}
     tmpdir = tmp_path_factory.mktemp("faults_server_tmp")  # the server's temp folder: what refused uploads leave
     srv = MonaiLabelServer(data["studies"], tmp_path_factory.mktemp("faults_server"), conf,
                            args=["--allow-origin", VIEWER], env={"TMPDIR": str(tmpdir)})
@@ -226,14 +226,14 @@ def test_50_concurrent_label_saves_are_all_stored_intact(server, data):
 
 
 def test_concurrent_inferences_all_answer(server, data):
-    """``tumour`` (stage 2 inside the saved cord label) on the four cases with a T1w; each answer
+    """``tumor`` (stage 2 inside the saved cord label) on the four cases with a T1w; each answer
     is also saved as the case's ``original`` label, 20 more datastore writes meanwhile."""
     ids = [CASE_IDS[i % N_T1] for i in range(N_INFER)]
     barrier = threading.Barrier(N_INFER)
 
     def infer(cid):
         barrier.wait()
-        return requests.post(f"{server.url}/infer/tumour", params={"image": cid, "output": "image"}, data={"params": "{}"},
+        return requests.post(f"{server.url}/infer/tumor", params={"image": cid, "output": "image"}, data={"params": "{}"},
                              timeout=HTTP_TIMEOUT)
 
     def info_meanwhile():
@@ -313,7 +313,7 @@ def test_training_killed_mid_round_leaves_everything_intact_and_the_next_round_p
     info0 = requests.get(f"{url}/info/", timeout=60).json()
     log_start = server.log_path.stat().st_size
 
-    r = requests.post(f"{url}/train/tumour", json={"iterations": KILLED_ROUND_ITERATIONS}, timeout=60)
+    r = requests.post(f"{url}/train/tumor", json={"iterations": KILLED_ROUND_ITERATIONS}, timeout=60)
     assert r.status_code == 200, r.text
     # wait until the round is inside its training loop (the trainer prints every tenth of the round)
     pattern = re.compile(rf"iteration (\d+)/{KILLED_ROUND_ITERATIONS}")
@@ -339,31 +339,31 @@ def test_training_killed_mid_round_leaves_everything_intact_and_the_next_round_p
     assert after == before  # weights, every label file, the datastore listing: byte-identical
     assert (rounds_file.read_bytes() if rounds_file.exists() else None) == rounds_before
     info1 = requests.get(f"{url}/info/", timeout=60).json()
-    assert info1["models"]["tumour"]["weights"] == info0["models"]["tumour"]["weights"]
-    assert "weights_refused" not in info1["models"]["tumour"]
+    assert info1["models"]["tumor"]["weights"] == info0["models"]["tumor"]["weights"]
+    assert "weights_refused" not in info1["models"]["tumor"]
 
     # what a round killed inside its atomic publication leaves: a half-written hidden temporary file
     models = studies / ".imsct" / "models"
-    tumour = weights.path("tumour", models)
+    tumour = weights.path("tumor", models)
     whole = tumour.read_bytes()
     (models / f".{tumour.name}.0123456789ab.tmp").write_bytes(whole[: len(whole) // 2])
-    assert requests.get(f"{url}/info/", timeout=60).json()["models"]["tumour"]["weights"] == info0["models"]["tumour"]["weights"]
+    assert requests.get(f"{url}/info/", timeout=60).json()["models"]["tumor"]["weights"] == info0["models"]["tumor"]["weights"]
 
     # the next round starts, clears that leftover, finishes and publishes
-    r = requests.post(f"{url}/train/tumour", json={"iterations": 2}, timeout=60)
+    r = requests.post(f"{url}/train/tumor", json={"iterations": 2}, timeout=60)
     assert r.status_code == 200, r.text
     task = _wait_train_done(url)
     data["timings"]["kill -> next round published (s)"] = round(time.perf_counter() - t_kill, 2)
     assert task["status"] == "DONE", server.log_tail()
-    stats = requests.get(f"{url}/info/", timeout=60).json()["train_stats"]["tumour"]
+    stats = requests.get(f"{url}/info/", timeout=60).json()["train_stats"]["tumor"]
     assert stats["last_round"]["published"] is True, stats
     assert stats["published_rounds"] == stats["rounds"] == len(json.loads(rounds_before or "[]")) + 1
     assert sorted(p.name for p in models.iterdir()) == sorted(before["models"])  # no temporary file left
     localiser = weights.path("localiser", models)
     assert _sha(tumour) != before["models"][tumour.name]
     assert _sha(localiser) == before["models"][localiser.name]
-    served = requests.get(f"{url}/info/", timeout=60).json()["models"]["tumour"]
-    assert served["weights"]["tumour"]["sha256"] == _sha(tumour)[:16]
+    served = requests.get(f"{url}/info/", timeout=60).json()["models"]["tumor"]
+    assert served["weights"]["tumor"]["sha256"] == _sha(tumour)[:16]
     assert _snapshot(studies)["labels"] == before["labels"]
     with open(server.log_path, errors="replace") as fh:
         fh.seek(log_start)
@@ -541,7 +541,7 @@ BAD_REQUESTS = [
     _image("image-params-not-json", "t2", 400, "form field 'params' is not valid JSON", params="{contrast: T1w"),
     _image("image-params-not-an-object", "t2", 400, "form field 'params' must be a JSON object", params="[1, 2]"),
     _label("label-params-not-json", "label", 400, "form field 'params' is not valid JSON", params="{"),
-    Bad("infer-params-not-json", "POST", "/infer/tumour", {"image": "case-00"}, {}, {"params": "{"}, 400,
+    Bad("infer-params-not-json", "POST", "/infer/tumor", {"image": "case-00"}, {}, {"params": "{"}, 400,
         ("form field 'params' is not valid JSON",)),
     Bad("image-info-not-an-object", "PUT", "/datastore/image/info", {"image": "case-00"}, {}, {"info": '"x"'}, 400,
         ("form field 'info' must be a JSON object",)),
@@ -666,7 +666,7 @@ def _web_routes() -> list[tuple[str, str]]:
                 for method in getattr(r, "methods", None) or ():
                     yield method, prefix + r.path
 
-    fill = {"model": "tumour", "strategy": "random", "method": "dice", "session_id": "s-1", "path": "studies"}
+    fill = {"model": "tumor", "strategy": "random", "method": "dice", "session_id": "s-1", "path": "studies"}
     return sorted({(m, re.sub(r"\{(\w+)(?::\w+)?\}", lambda g: fill.get(g.group(1), "x"), p))
                    for m, p in walk(monailabel.app.app.routes)})
 
@@ -701,7 +701,7 @@ def _settled(server, studies: Path, timeout: float = 120) -> tuple[dict, dict]:
 def test_foreign_origin_is_refused_on_every_route_and_nothing_runs(server, data):
     url, studies = server.url, data["studies"]
     routes = _web_routes()
-    assert len(routes) > 40 and ("DELETE", "/datastore/image") in routes and ("PUT", "/model/tumour") in routes
+    assert len(routes) > 40 and ("DELETE", "/datastore/image") in routes and ("PUT", "/model/tumor") in routes
     # requests that would change the datastore or the served weights if they ran
     query = {"image": "case-00", "id": "case-00", "label": "case-00", "tag": "cord", "run_sync": "true"}
     upload = {"file": ("case-01.nii.gz", (studies / "case-01.nii.gz").read_bytes()),

@@ -34,9 +34,9 @@ def test_two_process_training(phantom_dir, tmp_path):
     assert len(ckpts) == 1 and log.count("Saved checkpoint at epoch: 1") == 1
     state = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DDP
-    from imsct.networks import tumour_network
+    from imsct.networks import tumor_network
 
-    tumour_network().load_state_dict(state)
+    tumor_network().load_state_dict(state)
 
 
 def test_two_process_evaluation_shards_cases(phantom_dir, tmp_path):

@@ -69,10 +69,10 @@ def test_openvino_graph_made_once_into_the_cache(tmp_path, monkeypatch):
 def test_monai_ckpt_export_route(exported, tmp_path):
     out = tmp_path / "model_monai.ts"
     subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(out),
-                    "--ckpt_file", str(weights.path("tumour", exported)), "--meta_file", "configs/metadata.json",
+                    "--ckpt_file", str(weights.path("tumor", exported)), "--meta_file", "configs/metadata.json",
                     "--config_file", "configs/inference.json"], cwd=BUNDLE, check=True, capture_output=True)
     ts = torch.jit.load(str(out), map_location="cpu")
-    eager = weights.load("tumour", exported)
+    eager = weights.load("tumor", exported)
     x = torch.randn(1, 2, 64, 64, 32)
     with torch.no_grad():
         assert (ts(x) - eager(x)).abs().max().item() < 1e-4

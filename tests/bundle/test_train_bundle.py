@@ -45,7 +45,7 @@ def test_stage2_one_epoch(stage2_run):
     assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "trainer"} and epoch_of(ckpt) == 1
     from imsct import weights
 
-    weights.load("tumour", file=out / "best.pt")  # the best model loads into the served network
+    weights.load("tumor", file=out / "best.pt")  # the best model loads into the served network
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard logs"
     assert list((out / "cache").glob("*.npz"))
 
@@ -72,7 +72,7 @@ def test_finetune_starts_from_shipped_weights_and_tracks_in_mlflow(phantom_dir, 
     shipped weights (learning rate 0: the best checkpoint equals them), --tracking mlflow logs the loss."""
     train(phantom_dir, tmp_path, "--stage", "2", "--epochs", "1", "--batch_size", "1", "--patch_size", "[32,32,32]",
           "--finetune", "True", "--learning_rate", "0.0", "--tracking", "mlflow")
-    shipped = torch.load(weights.path("tumour"), map_location="cpu", weights_only=True)
+    shipped = torch.load(weights.path("tumor"), map_location="cpu", weights_only=True)
     tuned = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
     assert shipped.keys() == tuned.keys()
     for k in shipped:

@@ -216,7 +216,7 @@ def test_segment_bad_inputs(case, tmp_path, capsys):
     for argv, needle in [
         (["--t2", str(case["t2"])], "--t2-only"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--thr", "1.5"], "--thr"),
-        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--remove-small", "tumour=0.2"], "tumour"),
+        (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--remove-small", "tumour=0.2"], "'tumour'"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--device", "quantum"], "--device"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--device", "cuda:99"], "--device cuda:99"),
         (["--t2", str(case["t2"]), "--t1", str(case["t1"]), "--models", str(tmp_path)], weights.spec("localiser").filename),
@@ -236,7 +236,7 @@ def test_segment_bad_inputs(case, tmp_path, capsys):
     assert digest(t1) == before and sorted(p.name for p in t2.parent.iterdir()) == ["x_T2w.nii.gz", "x_T2w_seg-tumor.nii.gz"]
 
 
-@pytest.mark.skipif(not weights.path("tumour_t2only").exists(), reason="T2w-only weights not shipped")
+@pytest.mark.skipif(not weights.path("tumor_t2only").exists(), reason="T2w-only weights not shipped")
 def test_segment_t2_only(case, tmp_path, capsys):
     rc = cli.main(["segment", "--t2", str(case["t2"]), "--t2-only", "-o", str(tmp_path), "--remove-small", "0"])
     out = capsys.readouterr().out
@@ -254,7 +254,7 @@ def test_t2_only_needs_its_weights(case, tmp_path, capsys):
     models.mkdir()
     weights.path("localiser", models).symlink_to(weights.path("localiser"))
     assert cli.main(["segment", "--t2", str(case["t2"]), "--t2-only", "--models", str(models), "-o", str(tmp_path)]) == 2
-    assert weights.spec("tumour_t2only").filename in capsys.readouterr().err
+    assert weights.spec("tumor_t2only").filename in capsys.readouterr().err
 
 
 def test_parse_remove_small():

@@ -37,5 +37,5 @@ def test_help_loads_neither_torch_nor_monai():
 
 
 def test_export_names_a_missing_model(tmp_path, capsys):
-    assert cli.main(["export", "--models", str(tmp_path), "--model", "tumour"]) == 2
-    assert f"{weights.spec('tumour').filename} not found" in capsys.readouterr().err
+    assert cli.main(["export", "--models", str(tmp_path), "--model", "tumor"]) == 2
+    assert f"{weights.spec('tumor').filename} not found" in capsys.readouterr().err

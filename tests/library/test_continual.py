@@ -19,7 +19,7 @@ from imsct.evaluation import truth_labelmap
 from imsct.io import InputError
 from imsct.labels import CORD_BOX_SUFFIX, SEG_SUFFIXES
 from imsct.metrics import box_coverage
-from imsct.networks import tumour_network
+from imsct.networks import tumor_network
 from imsct.cascade import cord_box
 from imsct.weights import load_weights, path as weights_path
 
@@ -110,7 +110,7 @@ def _models(tmp_path) -> Path:
 
 def test_gate_refuses_a_damaged_candidate_and_keeps_the_old_file(cases, tmp_path):
     models = _models(tmp_path)
-    before = _sha(weights_path("tumour", models))
+    before = _sha(weights_path("tumor", models))
     state = tmp_path / "state"
     init_state(state, validation=[cases[0]])  # centre A is known: its validation case guards the round
     # a learning rate of 1 on one step wrecks the network: the gate must refuse it
@@ -120,7 +120,7 @@ def test_gate_refuses_a_damaged_candidate_and_keeps_the_old_file(cases, tmp_path
     assert "refused" in res.reason
     m = res.metrics
     assert m["gate_centres"] == ["A"] and m["gate_before"] - m["gate_after"] > 0.02
-    assert _sha(weights_path("tumour", models)) == before
+    assert _sha(weights_path("tumor", models)) == before
     rounds = json.loads((state / "rounds.json").read_text())
     assert len(rounds) == 1 and rounds[0]["published"] is False and rounds[0]["reason"] == res.reason
     stats = train_stats(state)
@@ -130,7 +130,7 @@ def test_gate_refuses_a_damaged_candidate_and_keeps_the_old_file(cases, tmp_path
 
 def test_round_trains_and_publishes_atomically(cases, tmp_path):
     models = _models(tmp_path)
-    before = _sha(weights_path("tumour", models))
+    before = _sha(weights_path("tumor", models))
     state = tmp_path / "state"
     init_state(state, validation=[cases[0]])
     res = retrain_round(cases, models, state, iterations=2, batch_size=1, patch_size=(32, 32, 16), ewc_lambda=0.0, tolerance=1.0,
@@ -139,9 +139,9 @@ def test_round_trains_and_publishes_atomically(cases, tmp_path):
     assert res.metrics["fresh_cases"] == [cases[1].name] and res.metrics["validation_cases"] == [cases[0].name]
     after = res.metrics["after"]["A"]["whole-tumor_dice"]
     assert 0.0 <= after <= 1.0
-    assert _sha(weights_path("tumour", models)) != before
-    assert _sha(weights_path("tumour", models)) == _sha(state / f"candidate-{weights_path('tumour').name}")  # exactly the gated file
-    load_weights(tumour_network(), weights_path("tumour", models))
+    assert _sha(weights_path("tumor", models)) != before
+    assert _sha(weights_path("tumor", models)) == _sha(state / f"candidate-{weights_path('tumor').name}")  # exactly the gated file
+    load_weights(tumor_network(), weights_path("tumor", models))
     assert sorted(p.name for p in models.iterdir()) == sorted(p.name for p in (BUNDLE / "models").iterdir())  # no temp file left
     assert train_stats(state)["published_rounds"] == 1
     # the trained case is now learnt: it joins the replay reservoir of centre A
@@ -150,7 +150,7 @@ def test_round_trains_and_publishes_atomically(cases, tmp_path):
 
 def test_replay_and_ewc_terms_are_used_and_finite(cases, tmp_path):
     files = [prepare_labelled(c, tmp_path.parent / "shared-cache") for c in cases]
-    net = load_weights(tumour_network(), weights_path("tumour"))
+    net = load_weights(tumor_network(), weights_path("tumor"))
     fisher = fisher_information(net, files[:1], 2, (32, 32, 16), samples=2)
     flat = torch.cat([f.flatten() for f in fisher.values()])
     assert torch.isfinite(flat).all() and abs(float(flat.mean()) - 1.0) < 1e-3 and float(flat.max()) > 1.0

@@ -81,7 +81,7 @@ def test_summary_reports_what_healthy_subjects_get():
     shape, vox = (20, 20, 20), 2.0  # 2 mm3 voxels
     empty = np.zeros(shape, np.uint8)
     invented = empty.copy()
-    invented[2:7, 2:7, 2:6] = 1  # 100 voxels of "tumour" = 0.2 cm3
+    invented[2:7, 2:7, 2:6] = 1  # 100 voxels of "tumor" = 0.2 cm3
     lesion = empty.copy()
     lesion[10:15, 10:15, 10:15] = 1
 

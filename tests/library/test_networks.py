@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from imsct.networks import ModifiedUNet3D, localiser, tumour_network
+from imsct.networks import ModifiedUNet3D, localiser, tumor_network
 
 
 @pytest.mark.parametrize(
     "factory,cin,cout,shape",
-    [(localiser, 1, 1, (64, 32, 16)), (tumour_network, 2, 4, (32, 32, 32)), (tumour_network, 2, 4, (48, 16, 32))],
+    [(localiser, 1, 1, (64, 32, 16)), (tumor_network, 2, 4, (32, 32, 32)), (tumor_network, 2, 4, (48, 16, 32))],
 )
 def test_output_shapes(factory, cin, cout, shape):
     net = factory().eval()
@@ -17,7 +17,7 @@ def test_output_shapes(factory, cin, cout, shape):
 
 
 def test_paper_filters_and_levels():
-    loc, seg = localiser(), tumour_network()
+    loc, seg = localiser(), tumor_network()
     assert loc.stem.out_channels == 8 and seg.net.stem.out_channels == 16
     strided = [m for m in seg.modules() if isinstance(m, torch.nn.Conv3d) and m.stride == (2, 2, 2)]
     assert len(strided) == 4  # 4 downsamplings, 5 levels
@@ -37,7 +37,7 @@ def test_deep_supervision_heads_contribute():
 
 def test_patch_normalisation_makes_intensity_scale_irrelevant():
     torch.manual_seed(0)
-    net = tumour_network().eval()
+    net = tumor_network().eval()
     x = torch.rand(1, 2, 32, 32, 32)
     with torch.no_grad():
         a = net(x)

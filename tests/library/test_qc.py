@@ -506,7 +506,7 @@ def test_provenance_from_sidecar_or_models_folder(tmp_path, capsys):
     (tmp_path / "sub-a_T2w_seg-imsct.json").write_text(json.dumps({
         # the format imsct.inference.provenance writes
         "GeneratedBy": {"Name": "imsct", "Version": "0.0.9"}, "command": "imsct segment --t2 sub-a_T2w.nii.gz -o out", "date": "2026-01-05",
-        "models": {"model.pt": {"model": "tumour", "sha256": digest}}}))
+        "models": {"model.pt": {"model": "tumor", "sha256": digest}}}))
     models = tmp_path / "models"
     models.mkdir()
     (models / "model.pt").write_bytes(b"weights of the tumour model")
@@ -523,7 +523,7 @@ def test_provenance_from_sidecar_or_models_folder(tmp_path, capsys):
     real = hashlib.sha256(b"weights of the tumour model").hexdigest()
     assert "no sidecar JSON next to the masks" in b and str(tmp_path / "sub-b_T2w_seg-imsct.json") in b
     assert f"sha256 {real}" in b and "model.pt" in b
-    assert manifest["provenance"]["models"] == {"model.pt": {"model": "tumour", "sha256": real}}
+    assert manifest["provenance"]["models"] == {"model.pt": {"model": "tumor", "sha256": real}}
     # the report's own: version, the command line, the date
     cmd = manifest["provenance"]["command"]
     assert cmd.startswith("imsct qc --t2 ") and f"--models {models}" in cmd and cmd in html_unescape(page)

@@ -15,7 +15,7 @@ from imsct.networks import ModifiedUNet3D, PatchNormalised
 from imsct.windows import PaddingSafeInferer, fitted_window, pad_replicate, padding_safe
 
 
-def small_tumour_network():
+def small_tumor_network():
     torch.manual_seed(0)
     return PatchNormalised(ModifiedUNet3D(in_channels=2, out_channels=4, base_filters=2)).eval()
 
@@ -44,7 +44,7 @@ def test_no_zero_padding_reaches_the_network():
     # a positive crop smaller than the 128 x 128 x 32 window on every axis, 26 voxels right-left
     rng = np.random.default_rng(0)
     crop = torch.from_numpy(rng.uniform(1.0, 2.0, (1, 2, 55, 60, 26)).astype(np.float32))
-    spy = Spy(small_tumour_network())
+    spy = Spy(small_tumor_network())
     with torch.no_grad():
         out = PaddingSafeInferer((128, 128, 32), sw_batch_size=2)(crop, spy)
     assert out.shape == (1, 4, 55, 60, 26)
@@ -80,7 +80,7 @@ def test_cascade_and_bundle_use_the_one_rule(cascade):
     from imsct.cascade import Cascade
 
     assert isinstance(cascade.inferer, PaddingSafeInferer)
-    plain = Cascade(None, small_tumour_network(), inferer=SlidingWindowInferer((128, 128, 32), sw_batch_size=3, overlap=0.5))
+    plain = Cascade(None, small_tumor_network(), inferer=SlidingWindowInferer((128, 128, 32), sw_batch_size=3, overlap=0.5))
     assert isinstance(plain.inferer, PaddingSafeInferer)
     assert (plain.inferer.roi_size, plain.inferer.sw_batch_size, plain.inferer.overlap) == ((128, 128, 32), 3, 0.5)
     assert padding_safe(plain.inferer) is plain.inferer
@@ -120,7 +120,7 @@ def test_training_patch_padded_like_inference(tmp_path):
         assert set(torch.unique(item["image"][2]).tolist()) <= {0.0, 1.0}
         # the network takes the patch with its validity channel
     with torch.no_grad():
-        out = small_tumour_network()(torch.stack([ds[0]["image"], ds[1]["image"]]))
+        out = small_tumor_network()(torch.stack([ds[0]["image"], ds[1]["image"]]))
     assert out.shape == (2, 4, 64, 64, 32)
 
 

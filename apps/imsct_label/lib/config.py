@@ -17,10 +17,10 @@ DEFAULTS = {
     "shipped_models": "",  # default <repository>/bundle/models
     "device": "",  # default: cuda when available, else cpu
     "retrain_after": "5",  # new final labels that start a background retraining round (0: never)
-    "retrain_models": "tumour",  # trainers started by that trigger, comma-separated (tumour, localiser)
+    "retrain_models": "tumor",  # trainers started by that trigger, comma-separated (tumor, localiser)
     "train_iterations": "50",
     "train_batch_size": "2",
-    "tumour_patch": "128,128,32",
+    "tumor_patch": "128,128,32",
     "localiser_patch": "256,128,32",
     "gate_tolerance": "0.02",  # largest allowed drop of whole-tumour Dice on earlier centres' validation cases
     "replay": "0.5",
@@ -29,7 +29,10 @@ DEFAULTS = {
     "max_upload_mb": "512",  # uploads (images, labels) larger than this once decompressed are refused (HTTP 413)
     "allow_origin": "",  # web origins besides the server's own allowed to send requests, comma-separated
 }
-TRAINERS = ("tumour", "localiser")
+TRAINERS = ("tumor", "localiser")
+# names before the model took its label's spelling (0.1): still accepted, with a warning
+RENAMED = {"tumour_patch": "tumor_patch"}
+RENAMED_TRAINERS = {"tumour": "tumor"}
 
 
 class ConfError(ValueError):
@@ -66,7 +69,7 @@ class AppConfig:
     retrain_models: tuple[str, ...]
     train_iterations: int
     train_batch_size: int
-    tumour_patch: tuple[int, int, int]
+    tumor_patch: tuple[int, int, int]
     localiser_patch: tuple[int, int, int]
     gate_tolerance: float
     replay: float
@@ -77,11 +80,17 @@ class AppConfig:
 
     @classmethod
     def from_conf(cls, conf: dict | None, app_dir: str, studies: str) -> "AppConfig":
+        import logging
+
+        log = logging.getLogger(__name__)
+        conf = dict(conf or {})
+        for old, new in RENAMED.items():
+            if old in conf:
+                log.warning("--conf %s is now called %s; using its value", old, new)
+                conf.setdefault(new, conf.pop(old))
         unknown = sorted(k for k in (conf or {}) if k not in DEFAULTS and k != "server_mode" and not k.startswith("dicomweb_"))
         if unknown:
-            import logging
-
-            logging.getLogger(__name__).warning("unknown --conf keys ignored: %s (known: %s)", unknown, sorted(DEFAULTS))
+            log.warning("unknown --conf keys ignored: %s (known: %s)", unknown, sorted(DEFAULTS))
         c = {**DEFAULTS, **{k: str(v) for k, v in (conf or {}).items()}}
         if studies.startswith(("http://", "https://")):
             # remote datastore: served weights and state in the user's cache folder, never in the source tree
@@ -97,6 +106,9 @@ class AppConfig:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         models = tuple(m.strip() for m in c["retrain_models"].split(",") if m.strip())
+        if any(m in RENAMED_TRAINERS for m in models):
+            log.warning("--conf retrain_models: trainer 'tumour' is now called 'tumor'")
+            models = tuple(RENAMED_TRAINERS.get(m, m) for m in models)
         bad = [m for m in models if m not in TRAINERS]
         if bad:
             raise ConfError(f"--conf retrain_models {c['retrain_models']!r}: unknown trainer(s) {bad}; choose from {list(TRAINERS)}")
@@ -109,7 +121,7 @@ class AppConfig:
             retrain_models=models,
             train_iterations=_number(c, "train_iterations", int, 1),
             train_batch_size=_number(c, "train_batch_size", int, 1),
-            tumour_patch=_patch(c, "tumour_patch"),
+            tumor_patch=_patch(c, "tumor_patch"),
             localiser_patch=_patch(c, "localiser_patch"),
             gate_tolerance=_number(c, "gate_tolerance", float),
             replay=_number(c, "replay", float),

@@ -102,7 +102,7 @@ class _IMSCTInfer(InferTask):
         return self.store.is_valid()
 
     def get_path(self, validate=True):
-        p = self.store.paths()["tumour"]
+        p = self.store.paths()["tumor"]
         return str(p) if (p.exists() or not validate) else None
 
     def info(self) -> dict:
@@ -177,7 +177,7 @@ class LocaliserInfer(_IMSCTInfer):
         return cascade.cord_to_native(cord_w, w, t2), {"cord_found": bool(cord_w.any())}
 
 
-class TumourInfer(_IMSCTInfer):
+class TumorInfer(_IMSCTInfer):
     """Stage 2 alone, inside the case's saved cord label (tag ``cord``) instead of stage 1's."""
 
     def __init__(self, store, datastore):

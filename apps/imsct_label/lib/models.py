@@ -52,7 +52,7 @@ class ModelStore:
         self.refused: dict | None = None  # {"files": stamp, "reason": str} of the last refused change
 
     def paths(self) -> dict[str, Path]:
-        """Served weight file per model key (``localiser``, ``tumour``)."""
+        """Served weight file per model key (``localiser``, ``tumor``)."""
         return {key: spec(key).path(self.models_dir) for key in SERVED}
 
     def is_valid(self) -> bool:

@@ -28,7 +28,7 @@ from .infer import CORD_TAG
 
 log = logging.getLogger(__name__)
 
-STAGES = {"localiser": 1, "tumour": 2}
+STAGES = {"localiser": 1, "tumor": 2}
 
 
 def labelled_cases(datastore) -> tuple[list, dict[str, str]]:
@@ -66,7 +66,7 @@ def labelled_cases(datastore) -> tuple[list, dict[str, str]]:
 
 
 class StageTrainer(TrainTask):
-    """One retraining round of stage 1 (``localiser``) or stage 2 (``tumour``)."""
+    """One retraining round of stage 1 (``localiser``) or stage 2 (``tumor``)."""
 
     def __init__(self, name: str, cfg: AppConfig):
         self.name, self.stage, self.cfg = name, STAGES[name], cfg
@@ -78,7 +78,7 @@ class StageTrainer(TrainTask):
         return {
             "iterations": cfg.train_iterations,
             "batch_size": cfg.train_batch_size,
-            "patch_size": list(cfg.localiser_patch if self.stage == 1 else cfg.tumour_patch),
+            "patch_size": list(cfg.localiser_patch if self.stage == 1 else cfg.tumor_patch),
             "tolerance": cfg.gate_tolerance,
             "replay": cfg.replay,
             "ewc_lambda": cfg.ewc_lambda,
