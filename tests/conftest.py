@@ -26,6 +26,19 @@ def phantom_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_phantom_dir(tmp_path_factory):
+    """The same two subjects with their field of view shrunk to 0.4 M voxels, for runs whose checks do not
+    depend on what the image shows (training loops, checkpoints, sharding, batch bookkeeping): there a
+    run costs MONAI's start-up and a few windows, and its validation slides over a small field."""
+    from imsct.phantoms import generate_dataset
+    from support.cases import LIKE_SHIPPED_TRAINING
+
+    out = tmp_path_factory.mktemp("tiny_phantoms")
+    generate_dataset(out, cases=2, seed=424242, max_voxels=400_000, **LIKE_SHIPPED_TRAINING)
+    return out
+
+
+@pytest.fixture(scope="session")
 def cascade():
     from imsct.cascade import Cascade
 

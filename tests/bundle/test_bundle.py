@@ -22,8 +22,10 @@ def copy_case(src_dir, dst_root, sub_src, sub_dst):
 
 
 @pytest.fixture(scope="module")
-def bad_run(phantom_dir, tmp_path_factory):
-    """One bundle run over a folder with one good case and one case per kind of bad input."""
+def bad_run(tiny_phantom_dir, tmp_path_factory):
+    """One bundle run over a folder with one good case and one case per kind of bad input (small fields:
+    what is checked is the bookkeeping, not the segmentation)."""
+    phantom_dir = tiny_phantom_dir
     root = tmp_path_factory.mktemp("mixed")
     ds, out = root / "ds", root / "out"
     copy_case(phantom_dir, ds, "sub-001", "sub-001")

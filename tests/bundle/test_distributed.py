@@ -23,8 +23,8 @@ def torchrun(configs, dataset, out, *extra):
     return proc.stdout + proc.stderr
 
 
-def test_two_process_training(phantom_dir, tmp_path):
-    log = torchrun("['configs/train.json','configs/multi_gpu_train.json']", phantom_dir, tmp_path, "--stage", "2",
+def test_two_process_training(tiny_phantom_dir, tmp_path):
+    log = torchrun("['configs/train.json','configs/multi_gpu_train.json']", tiny_phantom_dir, tmp_path, "--stage", "2",
                    "--epochs", "1", "--samples_per_epoch", "4", "--batch_size", "1", "--patch_size", "[32,32,32]",
                    "--val_fraction", "0.5")
     losses = [float(v) for v in re.findall(r"train_loss: ([0-9.eE+-]+|nan)", log)]
@@ -39,8 +39,8 @@ def test_two_process_training(phantom_dir, tmp_path):
     tumor_network().load_state_dict(state)
 
 
-def test_two_process_evaluation_shards_cases(phantom_dir, tmp_path):
-    torchrun("['configs/inference.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']", phantom_dir, tmp_path)
+def test_two_process_evaluation_shards_cases(tiny_phantom_dir, tmp_path):
+    torchrun("['configs/inference.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']", tiny_phantom_dir, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert sorted(r["case"] for r in rows) == ["sub-001_T2w", "sub-002_T2w"]  # each case exactly once
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]

@@ -78,9 +78,9 @@ def test_monai_ckpt_export_route(exported, tmp_path):
         assert (ts(x) - eager(x)).abs().max().item() < 1e-4
 
 
-def test_cascade_runs_from_onnx(exported, phantom_dir, cascade):
-    t2 = load_volume(next(phantom_dir.glob("sub-002/anat/*_T2w.nii.gz")))
-    t1 = load_volume(next(phantom_dir.glob("sub-002/anat/*_T1w.nii.gz")))
+def test_cascade_runs_from_onnx(exported, tiny_phantom_dir, cascade):
+    t2 = load_volume(next(tiny_phantom_dir.glob("sub-002/anat/*_T2w.nii.gz")))
+    t1 = load_volume(next(tiny_phantom_dir.glob("sub-002/anat/*_T1w.nii.gz")))
     onnx = Cascade.from_models(exported, backend="onnx", keep_probabilities=True, with_anatomy=False)
     a, b = cascade(t2, t1), onnx(t2, t1)  # both float32
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-3

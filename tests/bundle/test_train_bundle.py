@@ -31,9 +31,9 @@ def losses(log):
 
 
 @pytest.fixture(scope="module")
-def stage2_run(phantom_dir, tmp_path_factory):
+def stage2_run(tiny_phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("train2")
-    log = train(phantom_dir, out, "--stage", "2", "--epochs", "1", "--batch_size", "2", "--patch_size", "[64,64,32]")
+    log = train(tiny_phantom_dir, out, "--stage", "2", "--epochs", "1", "--batch_size", "2", "--patch_size", "[64,64,32]")
     return out, log
 
 
@@ -50,27 +50,27 @@ def test_stage2_one_epoch(stage2_run):
     assert list((out / "cache").glob("*.npz"))
 
 
-def test_resume_continues_from_saved_epoch(stage2_run, phantom_dir):
+def test_resume_continues_from_saved_epoch(stage2_run, tiny_phantom_dir):
     out, _ = stage2_run
-    log = train(phantom_dir, out, "--stage", "2", "--epochs", "2", "--batch_size", "2", "--patch_size", "[64,64,32]", "--resume", "True")
+    log = train(tiny_phantom_dir, out, "--stage", "2", "--epochs", "2", "--batch_size", "2", "--patch_size", "[64,64,32]", "--resume", "True")
     assert "Restored all variables" in log
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log
     latest = max(out.glob("checkpoint*.pt"), key=lambda p: p.stat().st_mtime)
     assert epoch_of(torch.load(latest, map_location="cpu", weights_only=False)) == 2
 
 
-def test_stage1_one_epoch(phantom_dir, tmp_path):
-    log = train(phantom_dir, tmp_path, "--stage", "1", "--epochs", "1", "--batch_size", "1", "--patch_size", "[128,64,32]")
+def test_stage1_one_epoch(tiny_phantom_dir, tmp_path):
+    log = train(tiny_phantom_dir, tmp_path, "--stage", "1", "--epochs", "1", "--batch_size", "1", "--patch_size", "[128,64,32]")
     assert losses(log) and all(math.isfinite(v) for v in losses(log))
     from imsct import weights
 
     weights.load("localiser", file=tmp_path / "best.pt")
 
 
-def test_finetune_starts_from_shipped_weights_and_tracks_in_mlflow(phantom_dir, tmp_path):
+def test_finetune_starts_from_shipped_weights_and_tracks_in_mlflow(tiny_phantom_dir, tmp_path):
     """One run for two switches (each bundle run pays MONAI's start-up): --finetune starts from the
     shipped weights (learning rate 0: the best checkpoint equals them), --tracking mlflow logs the loss."""
-    train(phantom_dir, tmp_path, "--stage", "2", "--epochs", "1", "--batch_size", "1", "--patch_size", "[32,32,32]",
+    train(tiny_phantom_dir, tmp_path, "--stage", "2", "--epochs", "1", "--batch_size", "1", "--patch_size", "[32,32,32]",
           "--finetune", "True", "--learning_rate", "0.0", "--tracking", "mlflow")
     shipped = torch.load(weights.path("tumor"), map_location="cpu", weights_only=True)
     tuned = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)

@@ -291,7 +291,7 @@ def test_empty_answer_is_a_valid_answer(tmp_path):
     assert all(c["count"] == 0 and c["volume_mm3"] == 0 for c in morpho["classes"].values())
 
 
-def test_bids_batch_writes_derivatives_skips_up_to_date_cases_and_goes_on_after_a_failure(phantom_dir, tmp_path, capsys):
+def test_bids_batch_writes_derivatives_skips_up_to_date_cases_and_goes_on_after_a_failure(tiny_phantom_dir, tmp_path, capsys):
     """``imsct segment --bids``: BIDS-derivatives layout with dataset_description.json, a sidecar per
     case and the volumes table; a second run skips what is up to date, a touched input is redone,
     --overwrite redoes all; a broken case fails alone."""
@@ -306,7 +306,7 @@ def test_bids_batch_writes_derivatives_skips_up_to_date_cases_and_goes_on_after_
 
     ds = tmp_path / "study"
     for sub in ("sub-001", "sub-002"):
-        shutil.copytree(phantom_dir / sub, ds / sub)
+        shutil.copytree(tiny_phantom_dir / sub, ds / sub)
     out = ds / "derivatives" / "imsct"
     assert main(["segment", "--bids", str(ds), "--jobs", "2", "--precision", "float32"]) == 0
     text = capsys.readouterr().out

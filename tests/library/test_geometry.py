@@ -83,10 +83,10 @@ def test_crop_or_pad_offsets():
     assert out[0, 0, 1, 0] == a[0, 1, 0, 0] and out[0, 0, 0, 0] == 0
 
 
-def test_cascade_orientation_round_trip(phantom_dir, cascade):
+def test_cascade_orientation_round_trip(tiny_phantom_dir, cascade):
     """A re-oriented input gives the re-oriented output (probabilities and masks)."""
-    t2p = next(phantom_dir.glob("sub-001/anat/*_T2w.nii.gz"))
-    t1p = next(phantom_dir.glob("sub-001/anat/*_T1w.nii.gz"))
+    t2p = next(tiny_phantom_dir.glob("sub-001/anat/*_T2w.nii.gz"))
+    t1p = next(tiny_phantom_dir.glob("sub-001/anat/*_T1w.nii.gz"))
     t2, t1 = load_volume(t2p), load_volume(t1p)
     codes = ("I", "L", "A") if nib.aff2axcodes(t2.affine) != ("I", "L", "A") else ("R", "P", "S")
     d2, a2 = reorient(t2.data, t2.affine, codes)

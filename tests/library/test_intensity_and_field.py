@@ -23,8 +23,20 @@ TRANSFORMS = {
 
 @pytest.fixture(scope="module")
 def lesion_case(phantom_dir, cascade):
+    """The lesion phantom's T2w cut to its lesion and 30 mm around it (the T1w stays whole: the cascade
+    resamples it onto the T2w): every intensity change below reruns the cascade on it."""
+    import nibabel as nib
+
+    from imsct.evaluation import truth_labelmap
+
     case = next(c for c in find_cases(phantom_dir) if c.labels)
-    t2, t1 = load_volume(case.t2, "T2w"), load_volume(case.t1, "T1w")
+    img = nib.load(case.t2)
+    lesion = np.argwhere(truth_labelmap(case, img.shape) > 0)
+    margin = np.ceil(30.0 / np.asarray(img.header.get_zooms()[:3])).astype(int)
+    lo, hi = np.maximum(lesion.min(0) - margin, 0), np.minimum(lesion.max(0) + margin + 1, img.shape)
+    cut = img.slicer[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    t2 = Volume(np.asanyarray(cut.dataobj), cut.affine, str(case.t2))
+    t1 = load_volume(case.t1, "T1w")
     ref = cascade(t2, t1)
     assert (ref.labelmap > 0).sum() > 100, "the phantom's lesion must be found for the comparison to mean anything"
     return t2, t1, ref.labelmap
