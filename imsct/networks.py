@@ -19,6 +19,8 @@ whole tumour contains the other three). Spatial sizes must be multiples of 16.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -95,8 +97,13 @@ class ModifiedUNet3D(nn.Module):
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_stem(self.stem(x))
+
+    def from_stem(self, stem: torch.Tensor) -> torch.Tensor:
+        """Everything after the first convolution (its output ``stem``): the click-guided network
+        adds its click channels' share of a widened first convolution there."""
         # unrolled over the fixed 5 levels so that torch.jit.script and ONNX export see plain code
-        s0 = self.context[0](self.stem(x))
+        s0 = self.context[0](stem)
         s1 = self.context[1](self.down[1](s0))
         s2 = self.context[2](self.down[2](s1))
         s3 = self.context[3](self.down[3](s2))
@@ -131,16 +138,68 @@ class PatchNormalised(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == self.in_channels + 1:
-            valid = (x[:, -1:] > 0.5).to(x.dtype)
-            x = x[:, :-1]
-            n = valid.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0)
-            mean = (x * valid).sum(dim=(2, 3, 4), keepdim=True) / n
-            var = (((x - mean) * valid) ** 2).sum(dim=(2, 3, 4), keepdim=True) / (n - 1.0).clamp(min=1.0)
-            std = torch.sqrt(var)
+            return self.net(zscore_patch(x[:, :-1], x[:, -1:], self.eps))
+        return self.net(zscore_patch(x, None, self.eps))
+
+
+def zscore_patch(x: torch.Tensor, valid: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """Per-patch, per-channel z-score of ``x`` (B, C, ...); with a validity mask ``valid`` (B, 1, ...)
+    the mean and standard deviation come from the valid voxels only (:mod:`imsct.windows`)."""
+    if valid is not None:
+        v = (valid > 0.5).to(x.dtype)
+        n = v.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1.0)
+        mean = (x * v).sum(dim=(2, 3, 4), keepdim=True) / n
+        var = (((x - mean) * v) ** 2).sum(dim=(2, 3, 4), keepdim=True) / (n - 1.0).clamp(min=1.0)
+        std = torch.sqrt(var)
+    else:
+        mean = x.mean(dim=(2, 3, 4), keepdim=True)
+        std = x.std(dim=(2, 3, 4), keepdim=True)
+    return (x - mean) / (std + eps)
+
+
+class ClickGuided(nn.Module):
+    """The stage-2 network with click channels (interactive correction, :mod:`imsct.clicks`).
+
+    Input: the image channels (T2w, T1w), then the click maps (one per click class: tumor, edema,
+    cavity, background), then optionally the validity channel. Only the image channels are
+    z-scored per patch (as :class:`PatchNormalised` does, over valid voxels); click maps enter as
+    they are (values in [0, 1]).
+
+    The first convolution is widened for the click channels: its image part is ``net.stem`` (the
+    stage-2 weights) and its click part is ``click_stem``, zero at initialisation, so that a network
+    made by :meth:`from_stage2` answers exactly as stage 2 does whatever the clicks (the sum of two
+    convolutions over disjoint channels is one convolution over all of them; held as two tensors so
+    that training can give the new weights their own learning rate).
+    """
+
+    def __init__(self, net: "ModifiedUNet3D", image_channels: int = 2, click_channels: int = 4, eps: float = 1e-5):
+        super().__init__()
+        if int(net.in_channels) != image_channels:
+            raise ValueError(f"network takes {net.in_channels} channels, expected the {image_channels} image channels")
+        self.net = net
+        self.image_channels, self.click_channels = int(image_channels), int(click_channels)
+        self.in_channels = self.image_channels + self.click_channels
+        self.eps = eps
+        self.accepts_validity = True
+        self.click_stem = nn.Conv3d(click_channels, net.stem.out_channels, 3, padding=1, bias=False)
+        nn.init.zeros_(self.click_stem.weight)
+
+    @classmethod
+    def from_stage2(cls, stage2: "PatchNormalised", click_channels: int = 4) -> "ClickGuided":
+        """A click-guided network that starts as ``stage2`` (a :class:`PatchNormalised` U-Net): same
+        weights, zero click weights."""
+        import copy
+
+        return cls(copy.deepcopy(stage2.net), int(stage2.in_channels), click_channels, stage2.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ic = self.image_channels
+        clicks = x[:, ic:ic + self.click_channels]
+        if x.shape[1] == self.in_channels + 1:
+            image = zscore_patch(x[:, :ic], x[:, -1:], self.eps)
         else:
-            mean = x.mean(dim=(2, 3, 4), keepdim=True)
-            std = x.std(dim=(2, 3, 4), keepdim=True)
-        return self.net((x - mean) / (std + self.eps))
+            image = zscore_patch(x[:, :ic], None, self.eps)
+        return self.net.from_stem(self.net.stem(image) + self.click_stem(clicks))
 
 
 def localiser(**kw) -> ModifiedUNet3D:
@@ -157,3 +216,9 @@ def anatomy_network(**kw) -> PatchNormalised:
     """Stage 3: T2w in, [tight cord, intervertebral discs] out; 8 base filters, z-scored per patch
     like stage 2 (it runs on stage 2's box with the same windows)."""
     return PatchNormalised(ModifiedUNet3D(in_channels=1, out_channels=2, base_filters=8, **kw))
+
+
+def click_network(**kw) -> ClickGuided:
+    """Interactive correction: [T2w, T1w, clicks tumor, edema, cavity, background] in, stage 2's
+    four outputs out; the stage-2 U-Net (16 base filters) with a widened first convolution."""
+    return ClickGuided(ModifiedUNet3D(in_channels=2, out_channels=4, base_filters=16, **kw), image_channels=2, click_channels=4)

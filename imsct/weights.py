@@ -7,9 +7,11 @@ module for a model by its key; no other file spells a weights file name.
 key                file                 stage  inputs      outputs
 =================  ===================  =====  ==========  ==============================================
 ``localiser``      ``localiser.pt``     1      T2w         cord region
-``tumor``         ``model.pt``         2      T2w, T1w    tumour, edema, cavity, whole tumour
-``tumor_t2only``  ``model_t2only.pt``  2      T2w, zeros  tumour, edema, cavity, whole tumour
+``tumor``          ``model.pt``         2      T2w, T1w    tumour, edema, cavity, whole tumour
+``tumor_t2only``   ``model_t2only.pt``  2      T2w, zeros  tumour, edema, cavity, whole tumour
 ``anatomy``        ``anatomy.pt``       3      T2w         tight spinal cord, intervertebral discs
+``clicks``         ``clicks.pt``        2      T2w, T1w,   tumour, edema, cavity, whole tumour
+                                               4 clicks    (interactive correction, :mod:`imsct.clicks`)
 =================  ===================  =====  ==========  ==============================================
 
 Weights are float16 state dicts (half the size), loaded back as float32 on any device.
@@ -70,6 +72,12 @@ def _anatomy() -> torch.nn.Module:
     return anatomy_network()
 
 
+def _clicks() -> torch.nn.Module:
+    from .networks import click_network
+
+    return click_network()
+
+
 MODELS: dict[str, ModelFile] = {m.key: m for m in (
     ModelFile("localiser", "localiser.pt", 1, ("T2w",), ("cord",), _localiser,
               "stage 1: spinal cord region on the T2w (8 base filters)"),
@@ -80,6 +88,10 @@ MODELS: dict[str, ModelFile] = {m.key: m for m in (
     ModelFile("anatomy", "anatomy.pt", 3, ("T2w",), ANATOMY_CHANNELS, _anatomy,
               "stage 3: tight spinal cord and intervertebral discs on stage 2's box (8 base filters): "
               "the cord mask and vertebral levels"),
+    ModelFile("clicks", "clicks.pt", 2, ("T2w", "T1w", "clicks tumor", "clicks edema", "clicks cavity", "clicks background"),
+              STAGE2_CHANNELS, _clicks,
+              "interactive correction (DeepEdit-style): stage 2 with click maps, first convolution widened from 'tumor' "
+              "(imsct.clicks)"),
 )}
 
 # the models a cascade needs, per mode
