@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 DEMO := demo
 
-.PHONY: setup demo test clean serve
+.PHONY: setup demo test clean serve serve-nifti
 
 setup: $(STAMP)
 
@@ -27,9 +27,20 @@ demo: setup
 		--meta_file configs/metadata.json --logging_file configs/logging.conf \
 		--dataset_dir ../$(DEMO)/data --output_dir ../$(DEMO)/output
 
-# MONAI Label server (127.0.0.1:8000) on a demo datastore of 3 phantom cases (T2w + T1w/ folder).
+# MONAI Label server at http://127.0.0.1:$(PORT)/ for OHIF (http://127.0.0.1:$(PORT)/ohif/) and 3D Slicer:
+# starts a local Orthanc (loopback, port ORTHANC_PORT or a free one, storage in $(DEMO)/orthanc/db; Debian
+# packages orthanc orthanc-dicomweb), stores 3 phantom cases in it as DICOM and serves the app on its
+# DICOMweb. Ctrl-C stops both.
+PORT ?= 8000
+ORTHANC_PORT ?=
 serve: setup
-	$(PY) apps/imsct_label/serve.py --studies $(DEMO)/label_studies --demo-cases 3 --port 8000
+	$(PY) apps/imsct_label/serve.py --orthanc $(DEMO)/orthanc --demo-cases 3 --port $(PORT) \
+		$(if $(ORTHANC_PORT),--orthanc-port $(ORTHANC_PORT))
+
+# the same app on a NIfTI folder ($(DEMO)/label_studies: <id>.nii.gz T2w + T1w/<id>.nii.gz), no Orthanc:
+# for 3D Slicer (server http://127.0.0.1:$(PORT)/); OHIF needs DICOMweb, i.e. `make serve`
+serve-nifti: setup
+	$(PY) apps/imsct_label/serve.py --studies $(DEMO)/label_studies --demo-cases 3 --port $(PORT)
 
 # one pytest-xdist worker per core, at most 4 (each worker loads the networks and may start servers);
 # whole files go to one worker, so a module's server or trained checkpoint is made once

@@ -125,6 +125,13 @@ class Working:
         return tuple(int(v) for v in self.data.shape[:3])  # type: ignore[return-value]
 
 
+def _run_outside(call: Callable[[], None], outer_state: torch.Tensor) -> torch.Tensor:
+    """Run ``call()`` with torch's random state set to ``outer_state``; returns the state it left."""
+    torch.random.set_rng_state(outer_state)
+    call()
+    return torch.random.get_rng_state()
+
+
 @dataclass
 class CascadeResult:
     labelmap: np.ndarray  # on the T2w grid: 0 background, 1 tumour, 2 edema, 3 cavity
@@ -439,11 +446,14 @@ class Cascade:
                 probs[(slice(None), *n_sl)] = probs_sub
         return labelmap, probs
 
-    def mc_dropout(self, t2: Volume, t1: Volume | None, samples: int, box=None, seed: int = 0) -> tuple[float, tuple]:
+    def mc_dropout(self, t2: Volume, t1: Volume | None, samples: int, box=None, seed: int = 0,
+                   between: Callable[[], None] | None = None) -> tuple[float, tuple]:
         """Monte-Carlo dropout uncertainty: the mean voxel variance of stage 2's outputs over
         ``samples`` passes with dropout active, inside the stage-1 box (found here when ``box`` is
         None). Returns the score and the box. The networks are back in eval mode afterwards and
-        torch's random state is restored."""
+        torch's random state is restored. ``between()`` is called before each pass with the
+        networks in eval mode and torch's random state as the caller left it (a server lets other
+        users of the networks run there); the passes draw the same dropout masks either way."""
         w = self.working(t2)
         if box is None:  # the cascade's own box (the whole field when no cord is found)
             _, box = self.find_box(w.data)
@@ -451,17 +461,24 @@ class Cascade:
         dropouts = [m for m in self.segmenter.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
         if not dropouts:
             raise InputError("the stage-2 network has no dropout layer: Monte-Carlo dropout is not possible")
-        state = torch.random.get_rng_state()
+        outer = torch.random.get_rng_state()
         torch.manual_seed(seed)
+        runs = []
         try:
-            for m in dropouts:
-                m.train()
-            runs = np.stack([self.segment_crop(crop) for _ in range(samples)])
+            for _ in range(samples):
+                if between is not None:
+                    mine, outer = torch.random.get_rng_state(), _run_outside(between, outer)
+                    torch.random.set_rng_state(mine)
+                for m in dropouts:
+                    m.train()
+                runs.append(self.segment_crop(crop))
+                for m in dropouts:
+                    m.eval()
         finally:
             for m in dropouts:
                 m.eval()
-            torch.random.set_rng_state(state)
-        return float(runs.var(axis=0).mean()), box
+            torch.random.set_rng_state(outer)
+        return float(np.stack(runs).var(axis=0).mean()), box
 
     # ---- the whole cascade -------------------------------------------------------------------------
 

@@ -83,6 +83,8 @@ from .training import PatchDataset, drop_gradients, gradients_finite, stage2_reg
 from .weights import MODELS, build, load_weights, save_weights, stage_model
 
 DILATE_MM = 10.0
+# what a round's validation number is, per stage (the gated metric, over every validation case)
+VALIDATION_NAMES = {1: "lesion share in the stage-1 box", 2: "whole-tumour Dice"}
 
 
 @dataclass
@@ -130,17 +132,24 @@ def load_split(state_dir: str | Path) -> dict:
     return _read_json(Path(state_dir) / "split.json", {})
 
 
-def update_split(state_dir: str | Path, cases: list[LabelledCase], val_fraction: float = 0.2, round_index: int | None = None) -> dict:
-    """Assign every case not in ``split.json`` yet (see the module docstring) and save; cases
-    already there keep their role. Returns the whole split."""
-    state_dir = Path(state_dir)
-    split = load_split(state_dir)
-    rnd = len(_read_json(state_dir / "rounds.json", [])) if round_index is None else round_index
+def plan_split(split: dict, cases, val_fraction: float = 0.2, round_index: int = 0) -> dict:
+    """``split`` (name -> role, centre, round) with every case not in it yet assigned (see the
+    module docstring); a new dict, nothing written. ``cases`` need ``name`` and ``centre``."""
+    split = dict(split)
     for c in sorted((c for c in cases if c.name not in split), key=lambda c: c.name):
         mine = [v for v in split.values() if v["centre"] == c.centre]
         n_val = sum(v["role"] == "validation" for v in mine)
         to_val = n_val == 0 or n_val < val_fraction * (len(mine) + 1) - 1e-9
-        split[c.name] = {"role": "validation" if to_val else "train", "centre": c.centre, "round": rnd}
+        split[c.name] = {"role": "validation" if to_val else "train", "centre": c.centre, "round": round_index}
+    return split
+
+
+def update_split(state_dir: str | Path, cases: list[LabelledCase], val_fraction: float = 0.2, round_index: int | None = None) -> dict:
+    """Assign every case not in ``split.json`` yet (:func:`plan_split`) and save; cases already
+    there keep their role. Returns the whole split."""
+    state_dir = Path(state_dir)
+    rnd = len(_read_json(state_dir / "rounds.json", [])) if round_index is None else round_index
+    split = plan_split(load_split(state_dir), cases, val_fraction, rnd)
     _write_json(state_dir / "split.json", split)
     return split
 
@@ -298,10 +307,20 @@ def _ewc_state(net, model_file: Path, replay_files: list[Path], state_dir: Path,
 
 
 def train_candidate(net: torch.nn.Module, fresh: list[Path], replay_files: list[Path], *, stage: int, iterations: int, batch_size: int, patch_size,
-                    replay: float, ewc: tuple[dict, dict] | None, ewc_lambda: float, lr: float, seed: int, amp: bool | str = "auto", log=print) -> dict:
+                    replay: float, ewc: tuple[dict, dict] | None, ewc_lambda: float, lr: float, seed: int, amp: bool | str = "auto", log=print,
+                    validate: Callable[[torch.nn.Module], float | None] | None = None, validations: int = 0,
+                    validation: tuple[float | None, float] = (None, 0.0), progress: Callable[[dict], None] | None = None) -> dict:
     """Fine-tune ``net`` in place: Dice loss (as the bundle's train.json) on batches of
     ``batch_size`` patches, ``round(replay * batch_size)`` of them (at least one when ``replay > 0``)
-    from ``replay_files``, plus ``ewc_lambda / 2`` times the EWC penalty. Adam with cosine decay."""
+    from ``replay_files``, plus ``ewc_lambda / 2`` times the EWC penalty. Adam with cosine decay.
+
+    Progress: every tenth of the round (every iteration in rounds under 10), one line to ``log``
+    and one dict to ``progress``: iteration, mean Dice loss of the last 10 iterations, EWC
+    penalty, the latest validation number (``validate(net)``: measured ``validations`` times
+    during the round, evenly spaced, never at its last iteration, which the gate evaluates;
+    ``validation`` = (value, seconds) of the evaluation before training), seconds so far and an
+    estimate of the seconds left (iterations at the rate so far, plus the evaluations still to
+    come, the gate's included, at the duration of the last one)."""
     from monai.losses import DiceLoss
 
     torch.manual_seed(seed)
@@ -329,8 +348,15 @@ def train_candidate(net: torch.nn.Module, fresh: list[Path], replay_files: list[
         (loss + 0.5 * ewc_lambda * pen).backward()
         return loss, pen
 
+    block = max(1, iterations // 10)
+    every = max(1, iterations // (validations + 1)) if validate is not None and validations > 0 else 0
+    val_at = {k * every for k in range(1, validations + 1) if k * every < iterations} if every else set()
+    val_value, val_seconds = validation
+    val_iteration = 0  # the validation number shown was measured after this many iterations (0: before training)
+    train_seconds = 0.0
     t0 = time.perf_counter()
     for it in range(iterations):
+        t_it = time.perf_counter()
         items = [fresh_ds[0] for _ in range(batch_size - n_rep)] + [rep_ds[0] for _ in range(n_rep)]
         x = torch.stack([i["image"] for i in items])
         y = torch.stack([i["label"] for i in items])
@@ -348,9 +374,27 @@ def train_candidate(net: torch.nn.Module, fresh: list[Path], replay_files: list[
         sched.step()
         hist["loss"].append(float(loss.detach()))
         hist["ewc"].append(float(pen.detach()))
-        if (it + 1) % max(1, iterations // 10) == 0 or it == iterations - 1:
-            log(f"  iteration {it + 1}/{iterations}: Dice loss {np.mean(hist['loss'][-10:]):.4f}, "
-                f"EWC penalty {hist['ewc'][-1]:.3g} ({time.perf_counter() - t0:.0f} s)")
+        train_seconds += time.perf_counter() - t_it
+        done = it + 1
+        if done in val_at:
+            t_val = time.perf_counter()
+            net.eval()
+            with torch.no_grad():
+                val_value = validate(net)
+            net.train()
+            val_seconds, val_iteration = time.perf_counter() - t_val, done
+        if done % block == 0 or done == iterations or done in val_at:
+            left_evals = sum(1 for v in val_at if v > done) + 1  # the gate evaluates the candidate once more
+            eta = train_seconds / done * (iterations - done) + left_evals * val_seconds
+            info = {"iteration": done, "iterations": iterations, "loss": round(float(np.mean(hist["loss"][-10:])), 4),
+                    "ewc_penalty": hist["ewc"][-1], "validation": None if val_value is None else round(float(val_value), 4),
+                    "validation_at_iteration": val_iteration, "elapsed_s": round(time.perf_counter() - t0, 1), "eta_s": round(eta, 1)}
+            shown = "n/a (no validation case)" if val_value is None else f"{val_value:.4f}"
+            when = "before training" if val_iteration == 0 else f"at iteration {val_iteration}"
+            log(f"  iteration {done}/{iterations}: Dice loss {info['loss']:.4f}, EWC penalty {info['ewc_penalty']:.3g}, "
+                f"validation {VALIDATION_NAMES[stage]} {shown} ({when}); {info['elapsed_s']:.0f} s, about {eta:.0f} s left")
+            if progress is not None:
+                progress(info)
     net.eval()
     return {"iterations": iterations, "replay_per_batch": n_rep, "final_loss": float(np.mean(hist["loss"][-10:])) if hist["loss"] else None,
             "final_ewc_penalty": hist["ewc"][-1] if hist["ewc"] else None, "steps_redone_in_float32": retried, "skipped_steps": skipped, "train_seconds": round(time.perf_counter() - t0, 1)}
@@ -440,9 +484,12 @@ def _network(stage: int) -> torch.nn.Module:
 def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: str | Path, *, stage: int = 2, iterations: int, batch_size: int,
                   patch_size, replay: float = 0.5, replay_cases: int = 32, ewc_lambda: float = 1e4, tolerance: float = 0.02, seed: int = 0,
                   lr: float = 1e-4, val_fraction: float = 0.2, cache_dir: str | Path | None = None, amp: bool | str = "auto",
-                  force_publish: bool = False, log: Callable[[str], None] = print) -> RoundResult:
+                  force_publish: bool = False, log: Callable[[str], None] = print, validations: int = 0,
+                  progress: Callable[[dict], None] | None = None) -> RoundResult:
     """One continual-learning round (see the module docstring). ``force_publish`` skips the gate
-    (recorded as such); it exists for experiments, not for the app."""
+    (recorded as such); it exists for experiments, not for the app. ``validations``: how many
+    times the validation number is measured during training (besides before, and after for the
+    gate); ``log`` gets the progress lines and ``progress`` the same as dicts (:func:`train_candidate`)."""
     t_start = time.perf_counter()
     models_dir, state_dir = Path(models_dir), Path(state_dir)
     cache_dir = Path(cache_dir) if cache_dir else state_dir / "cache"
@@ -479,10 +526,21 @@ def retrain_round(cases: list[LabelledCase], models_dir: str | Path, state_dir: 
 
         net = load_weights(_network(stage), model_file)
         ewc = _ewc_state(net, model_file, [npz[n] for n in reservoir], state_dir, stage, patch_size, seed, log) if ewc_lambda > 0 else None
+        t_val = time.perf_counter()
         before = {n: _cached_evaluation(net, model_file, npz[n], stage, cache_dir) for n in val_names}
+        every_centre = sorted({split[n]["centre"] for n in val_names})
+
+        def validate(current: torch.nn.Module) -> float | None:
+            rows = {n: evaluate_case(current, npz[n], stage) for n in val_names}
+            return gate_metric(summarise(rows, {n: split[n] for n in val_names}, stage), every_centre, stage)
+
+        val_before = gate_metric(summarise(before, {n: split[n] for n in val_names}, stage), every_centre, stage)
+        log(f"round {len(rounds)}: validation {VALIDATION_NAMES[stage]} before training "
+            f"{'n/a (no validation case)' if val_before is None else f'{val_before:.4f}'}")
         train_info = train_candidate(net, [npz[n] for n in fresh], [npz[n] for n in reservoir], stage=stage, iterations=iterations,
                                      batch_size=batch_size, patch_size=patch_size, replay=replay, ewc=ewc, ewc_lambda=ewc_lambda,
-                                     lr=lr, seed=seed, amp=amp, log=log)
+                                     lr=lr, seed=seed, amp=amp, log=log, validate=validate if val_names else None,
+                                     validations=validations, validation=(val_before, time.perf_counter() - t_val), progress=progress)
         candidate = state_dir / f"candidate-{model_file.name}"
         save_weights(net, candidate)
         cand_net = load_weights(_network(stage), candidate)  # gate exactly the fp16 file that would be published
@@ -548,6 +606,6 @@ def train_stats(state_dir: str | Path, stage: int | None = None) -> dict:
     return out
 
 
-__all__ = ["LabelledCase", "RoundResult", "retrain_round", "update_split", "load_split", "init_state", "prepare_labelled", "stage1_target",
+__all__ = ["LabelledCase", "RoundResult", "retrain_round", "plan_split", "update_split", "load_split", "init_state", "prepare_labelled", "stage1_target",
            "fisher_information", "ewc_penalty", "train_candidate", "evaluate_case", "publish",
            "train_stats", "DILATE_MM"]

@@ -1,7 +1,7 @@
 """IMSCT MONAI Label app: ``monailabel start_server --app apps/imsct_label --studies DIR --host 127.0.0.1``.
 
 Models ``cascade`` (tumor 1, edema 2, cavity 3), ``localiser`` (cord region) and ``tumor``
-(stage 2 inside the case's saved cord label); trainers ``tumor`` and ``localiser``; strategies
+(stage 2 inside the case's saved cord label), ``clicks`` (deepedit: click correction); trainers ``tumor`` and ``localiser``; strategies
 ``random``, ``first``, ``uncertainty``; scoring ``dice``. See README.md beside this file.
 """
 
@@ -24,10 +24,11 @@ from monailabel.utils.others.generic import file_checksum
 from imsct.io import write_text_atomically
 from imsct.labels import COLOURS, LABELS
 
-from lib.activelearning import MCDropoutUncertainty, RandomStrategy
+from lib.activelearning import MCDropoutUncertainty, RandomStrategy, UncertaintyScores
 from lib.config import AppConfig
 from lib.contrasts import T1_DIR
 from lib.datastore import TwoContrastDatastore, discard_upload
+from lib.clicks import ClickInfer
 from lib.infer import CascadeInfer, LocaliserInfer, TumorInfer
 from lib.models import ModelStore, seed_models
 from lib.scoring import MulticlassDice, score_image
@@ -79,19 +80,30 @@ class IMSCTApp(MONAILabelApp):
             "cascade": CascadeInfer(self.store, self.datastore),
             "localiser": LocaliserInfer(self.store, self.datastore),
             "tumor": TumorInfer(self.store, self.datastore),
+            "clicks": ClickInfer(self.store, self.datastore, self.cfg.shipped_models),  # deepedit: click correction
         }
 
     def init_trainers(self):
         return {name: StageTrainer(name, self.cfg) for name in ("tumor", "localiser")}
 
     def init_strategies(self):
-        return {"random": RandomStrategy(), "first": First(), "uncertainty": MCDropoutUncertainty(self.store, self.cfg.mc_samples)}
+        self.uncertainty_scores = UncertaintyScores(self.store, self.datastore, self.cfg.mc_samples)  # started in server mode
+        return {"random": RandomStrategy(), "first": First(), "uncertainty": MCDropoutUncertainty(self.uncertainty_scores)}
+
+    def server_mode(self, mode: bool):
+        """The web server starts (not a training subprocess): uncertainty scores in the background."""
+        super().server_mode(mode)
+        if mode and getattr(self, "uncertainty_scores", None) is not None:
+            self.uncertainty_scores.start()
 
     def init_scoring_methods(self):
         return {"dice": MulticlassDice()}
 
     def info(self):
         out = super().info()
+        # a list in index order, as MONAI Label lists labels itself: OHIF's MONAI Label panel appends the
+        # models' labels to it (with a {name: index} object it stopped at "Connecting" and listed no model)
+        out["labels"] = sorted(LABELS, key=LABELS.get)
         out["label_colors"] = {k: list(v) for k, v in COLOURS.items()}
         out["imsct"] = {
             "models_dir": str(self.cfg.models_dir),
@@ -168,12 +180,27 @@ class IMSCTApp(MONAILabelApp):
         res["new_final_labels"] = 0 if start else len(pending)
         if start:
             res["retrain"] = self._start_retraining(pending)
+            if all(res["retrain"].get(n, {}).get("status") == "REFUSED" for n in self.cfg.retrain_models):
+                with self._state_file() as state:  # nothing started: these labels still count for the next try
+                    state["pending"] = list(dict.fromkeys([*pending, *state["pending"]]))
+                res["new_final_labels"] = len(pending)
         return res
+
+    def training_refusal(self, name: str) -> str | None:
+        """Why trainer ``name`` would train nothing new now (lib/train.py), or None; POST /train/<name>
+        answers it with HTTP 409 (lib/web.py)."""
+        trainer = self._trainers.get(name)
+        return trainer.refusal(self.datastore()) if hasattr(trainer, "refusal") else None
 
     def _start_retraining(self, images: list[str]) -> dict:
         log.info("%d new final label(s) (%s): starting retraining of %s", len(images), images, self.cfg.retrain_models)
         out = {"after_labels": images}
         for name in self.cfg.retrain_models:
+            reason = self.training_refusal(name)
+            if reason:
+                log.warning("automatic retraining: %s", reason)
+                out[name] = {"status": "REFUSED", "reason": reason}
+                continue
             task = self.async_training(name, enqueue=True)
             out[name] = {k: task.get(k) for k in ("id", "status", "start_ts")} if isinstance(task, dict) else task
         return out

@@ -9,6 +9,7 @@ publishes and the test can check that the new weights are served without a resta
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
@@ -134,7 +135,8 @@ def _error(call) -> str:
 
 def test_info_lists_models_labels_colours_and_tasks(server):
     info = server["client"].info()
-    assert set(info["models"]) == {"cascade", "localiser", "tumor"}
+    # 'clicks' (interactive correction) is served where its weights are shipped: test_clicks_model_corrects_around_the_clicks
+    assert set(info["models"]) - {"clicks"} == {"cascade", "localiser", "tumor"}
     assert "tumor" in info["labels"]  # one spelling: the stage-2 model is named as the label it draws
     for name in ("cascade", "tumor"):
         m = info["models"][name]
@@ -144,7 +146,7 @@ def test_info_lists_models_labels_colours_and_tasks(server):
     assert info["models"]["localiser"]["labels"] == {"cord": 1}
     for name, m in info["models"].items():  # annotators read there what the weights were trained on
         assert "synthetic phantoms only" in m["description"], (name, m["description"])
-    assert info["labels"] == LABELS
+    assert info["labels"] == sorted(LABELS, key=LABELS.get)  # a list: what the OHIF panel extends with the models' labels
     assert set(info["trainers"]) == {"tumor", "localiser"}
     assert {"random", "first", "uncertainty"} <= set(info["strategies"])
     assert "dice" in info["scoring"]
@@ -198,6 +200,32 @@ def test_infer_cascade_gives_label_map_on_t2w_grid(server, cases):
     assert client.datastore()["objects"]["sub-001"]["labels"]["original"]["info"]["model"] == "cascade"
 
 
+def test_clicks_model_corrects_around_the_clicks(server, cases):
+    """Model 'clicks' (type deepedit, what OHIF's and 3D Slicer's click tools drive): the clicks as
+    MONAI Label's DeepEdit sends them (label names as keys, [i, j, k] voxels of the T2w, plus
+    'background'); the answer is a label map on the T2w grid, a click outside the image a 422."""
+    if not weights.path("clicks").is_file():
+        pytest.skip("bundle/models/clicks.pt not shipped")
+    client = server["client"]
+    m = client.info()["models"]["clicks"]
+    assert m["type"] == "deepedit" and m["labels"] == LABELS and "synthetic phantoms only" in m["description"]
+    truth = load_volume(cases["sub-001"]["truth"]).data
+    lesion = np.argwhere(truth > 0)
+    ijk = lesion[len(lesion) // 2]
+    name = {v: k for k, v in LABELS.items()}[int(truth[tuple(ijk)])]
+    out, params = client.infer("clicks", "sub-001", {name: [ijk.tolist()], "background": [[0, 0, 0]]})
+    t2, lab = nib.load(cases["sub-001"]["t2"]), nib.load(out)
+    assert lab.shape == t2.shape and np.allclose(lab.affine, t2.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2, 3}
+    assert params["clicks"][name] == 1 and params["clicks"]["background"] == 1 and "click_box" in params
+    # the no-click answer of the image is kept: the next click costs the crop only
+    _, again = client.infer("clicks", "sub-001", {name: [ijk.tolist()]})
+    assert again["timings"]["no_click_answer"] == 0.0
+    print(f"one click: {again['timings']['correction']:.2f} s correction, {again['latencies']['total']:.2f} s in the task")
+    msg = _error(lambda: client.infer("clicks", "sub-001", {"tumor": [[10_000, 0, 0]]}))
+    assert "422" in msg and "outside the T2w" in msg
+
+
 def test_tumour_stage_alone_uses_saved_cord_label(server, cases):
     client = server["client"]
     msg = _error(lambda: client.infer("tumor", "sub-002", {}))
@@ -227,10 +255,18 @@ def test_next_sample_by_each_strategy(server):
     unlabelled = {"sub-001", "sub-002", "sub-not1"}
     assert client.next_sample("first", {})["id"] == "sub-001"
     assert client.next_sample("random", {})["id"] in unlabelled
-    res = client.next_sample("uncertainty", {})
+    # scores are computed in the background: until every case has one, the answer is a case not scored yet
+    deadline = time.monotonic() + TRAIN_WAIT_S
+    while True:
+        res = client.next_sample("uncertainty", {})
+        if not res["pending"]:
+            break
+        assert res["scored"] is False and res["id"] in res["pending"]
+        assert time.monotonic() < deadline, "uncertainty scores were not computed in the background"
+        time.sleep(1)
     ranked = res["ranking"]
     assert {r["id"] for r in ranked} == {"sub-001", "sub-002"}  # sub-not1 has no T1w: skipped, named
-    assert "sub-not1" in res["skipped"]
+    assert "sub-not1" in res["skipped"] and res["scored"] is True
     scores = [r["score"] for r in ranked]
     assert scores == sorted(scores, reverse=True) and res["id"] == ranked[0]["id"]
     assert all(s > 0 for s in scores)  # dropout active: the passes differ
@@ -276,6 +312,8 @@ def test_final_labels_scored_and_retraining_fired(server, cases, tmp_path):
         time.sleep(3)
     assert [t["request"]["model"] for t in tasks] == ["tumor", "localiser"]
     assert all(t["status"] == "DONE" for t in tasks), tasks
+    for t in tasks:  # each round told its progress: iteration, loss, validation number, time left
+        assert any(re.search(r"iteration 1/1: Dice loss .*, validation .* about \d+ s left", d) for d in t["details"]), t["details"]
     info = client.info()
     for trainer, stage in (("tumor", 2), ("localiser", 1)):  # each trainer shows its own stage's rounds
         stats = info["train_stats"][trainer]

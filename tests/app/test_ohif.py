@@ -1,9 +1,15 @@
 """The OHIF viewer served by the IMSCT MONAI Label app (``/ohif/``), reading Orthanc through the app's
-DICOMweb proxy, opened in headless Chromium: the screenshot must show the MR images, and after a final
-label is saved (DICOM SEG in Orthanc) the segmentation overlay in the IMSCT colours.
+DICOMweb proxy, opened in headless Chromium, on the stack ``make serve`` starts (serve.py --orthanc:
+a local Orthanc holding a phantom study, the app on a free port, never 8000):
 
-Screenshots are kept as test artifacts in ``$IMSCT_ARTIFACTS`` (default ``<repo>/work/artifacts``):
-``ohif_study.png`` and ``ohif_segmentation.png``.
+* the MONAI Label mode (``/ohif/monai-label``) opens the study with the T2w in its acquisition plane
+  (the sagittal viewport shows the series' own slices), and its MONAI Label panel is set to this
+  server's own address and, once connected, lists the models ``cascade``, ``localiser``, ``tumor``;
+* the basic viewer shows the sagittal T2w, and after a final label is saved (DICOM SEG in Orthanc)
+  the segmentation overlay in the IMSCT colours.
+
+One browser for the module. Screenshots are kept as test artifacts in ``$IMSCT_ARTIFACTS`` (default
+``<repo>/work/artifacts``): ``ohif_monailabel.png``, ``ohif_study.png`` and ``ohif_segmentation.png``.
 """
 
 import io
@@ -28,8 +34,8 @@ pytestmark = pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(
                                 reason="chromium / chromedriver not installed (Debian packages chromium, chromium-driver; .ci/run installs them)")
 
 
-@pytest.fixture
-def browser(tmp_path):
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -41,7 +47,7 @@ def browser(tmp_path):
                  # OHIF 3 draws with WebGL: software WebGL (SwiftShader) instead of a GPU
                  "--use-angle=swiftshader", "--enable-unsafe-swiftshader"):
         opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(120)
     try:
@@ -106,6 +112,46 @@ def focus_viewport(driver, box) -> None:
     actions.perform()
 
 
+SAGITTAL_LETTERS, AXIS_FAMILIES = set("APHF"), ("RL", "AP", "HF")  # OHIF's markers: Right/Left, Anterior/Posterior, Head/Feet
+
+
+def viewports(driver) -> dict:
+    """Per OHIF viewport (``data-viewport-uid``): its orientation markers, series description, bottom-right
+    overlay (``I: k (k/N)`` on the series' own slices) and screen box."""
+    return driver.execute_script("""
+        const out = {};
+        for (const pane of document.querySelectorAll('[data-cy=viewport-pane]')) {
+          const v = pane.querySelector('[data-viewport-uid]');  // the canvas' element; overlays are its siblings
+          if (!v) continue;
+          const r = v.getBoundingClientRect();
+          const text = sel => Array.from(pane.querySelectorAll(sel)).map(e => e.textContent.trim());
+          out[v.getAttribute('data-viewport-uid')] = {
+            markers: text('.orientation-marker-value'), series: text('[title="Series description"]'),
+            position: text('[data-cy=viewport-overlay-bottom-right]').join(' '),
+            box: [Math.round(r.left), Math.round(r.top), Math.round(r.right), Math.round(r.bottom)]};
+        }
+        return out;""")
+
+
+def is_sagittal(markers) -> bool:
+    """Markers of a sagittal view: anterior/posterior and head/feet, no right/left."""
+    letters = set("".join(markers))
+    return bool(letters) and letters <= SAGITTAL_LETTERS and bool(letters & set("AP")) and bool(letters & set("HF"))
+
+
+def panel_text(driver) -> tuple[str, list[str]]:
+    """The MONAI Label panel's text and the texts of its drop-down options ('' when it is not there)."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    try:
+        panel = driver.find_elements("css selector", ".monaiLabelPanel")
+        if not panel:
+            return "", []
+        return panel[0].text, [o.get_attribute("textContent").strip() for o in panel[0].find_elements("css selector", "option")]
+    except (StaleElementReferenceException, WebDriverException):
+        return "", []
+
+
 def image_stats(crop: np.ndarray) -> dict:
     grey = crop.mean(axis=2)
     chroma = crop.max(axis=2) - crop.min(axis=2)
@@ -167,6 +213,51 @@ def ensure_final_label(stack, tmp_path) -> None:
     assert dw.search_for_series(study_instance_uid=stack.study.study_uid, search_filters={"Modality": "SEG"})
 
 
+def test_ohif_monai_label_mode_opens_sagittal_series_and_panel_connects(stack, browser):
+    """``make serve``'s promise: OHIF opens the study, and its MONAI Label panel talks to this server
+    (its own port, not OHIF's default 8000) and lists the app's models."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    url = stack.server.url
+    assert stack.server.port != 8000
+    n_slices = sum(1 for f in stack.study.files if f.parent.name == "T2w")
+    browser.get(f"{url}/ohif/monai-label?StudyInstanceUIDs={stack.study.study_uid}")
+    deadline = time.monotonic() + 180
+    sagittal = None
+    while time.monotonic() < deadline:
+        click_button(browser, "Confirm and Hide")  # "investigational use" banner
+        found = [v for v in viewports(browser).values() if is_sagittal(v["markers"]) and "T2w" in v["series"]]
+        if found and f"/{n_slices})" in found[0]["position"] and browser.find_elements("css selector", "#monailabelServerURL"):
+            shot = screenshot(browser)
+            x0, y0, x1, y1 = found[0]["box"]
+            if shows_images(image_stats(shot[y0:y1, x0:x1])):
+                sagittal = found[0]
+                break
+        time.sleep(1.0)
+    seen = viewports(browser)
+    assert sagittal is not None, f"no viewport shows the T2w's {n_slices} sagittal slices with image pixels: {seen}"
+    # the sagittal viewport steps through the series' own instances (I: k (k/N)); the others are reconstructions
+    assert sum(1 for v in seen.values() if f"/{n_slices})" in v["position"]) == 1, seen
+
+    # the panel is set to this server (the page's own origin), not to port 8000
+    field = browser.find_element("css selector", "#monailabelServerURL")
+    assert field.get_attribute("value") == f"{url}/", field.get_attribute("value")
+    connect = browser.find_element("css selector", ".monaiLabelPanel button.actionButton")
+    ActionChains(browser).move_to_element(connect).click().perform()
+    models = ("cascade", "localiser", "tumor")
+    deadline = time.monotonic() + 90
+    text, options = panel_text(browser)
+    while not set(models) <= set(options) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        text, options = panel_text(browser)
+    time.sleep(1.0)  # the "connected" notice fades
+    path = save_png(screenshot(browser), "ohif_monailabel.png")
+    assert set(models) <= set(options), f"the MONAI Label panel lists no models {models}: {text!r} {options} (screenshot {path})"
+    assert "IMSCT" in text and "Auto-Segmentation" in text, text
+    lines = {line.strip() for line in text.splitlines()}
+    assert set(models) <= lines, text  # shown, not only in the drop-down's options
+
+
 def test_ohif_shows_study_and_saved_segmentation(stack, browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -184,6 +275,8 @@ def test_ohif_shows_study_and_saved_segmentation(stack, browser, tmp_path):
     path = save_png(shot, "ohif_study.png")
     assert shows_images(stats), f"viewport shows no MR image pixels: {stats} (screenshot {path})"
     assert stats["warm"] < 50, stats  # no overlay yet
+    shown = list(viewports(browser).values())
+    assert shown and is_sagittal(shown[0]["markers"]) and "T2w" in shown[0]["series"], shown  # the T2w as acquired
     # the T2w and the T1w Gd series are both in the study browser
     assert {"T2w", "T1w Gd"} <= {line.strip() for t in thumbnail_texts(browser) for line in t.splitlines()}
 

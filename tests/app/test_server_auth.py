@@ -158,7 +158,7 @@ def test_every_route_needs_the_token(secured):
         _refused(requests.get(url + path, headers={"Authorization": "Basic " + token}, timeout=30))
         _refused(requests.get(url + path, cookies={"imsct_label_token": token[:-1]}, timeout=30))
     ok = requests.get(url + "/info/", headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    assert ok.status_code == 200 and set(ok.json()["models"]) == {"cascade", "localiser", "tumor"}
+    assert ok.status_code == 200 and {"cascade", "localiser", "tumor"} <= set(ok.json()["models"])
     # what stays open says only that a token is needed
     assert requests.get(url + "/auth/", timeout=30).json()["enabled"] is True
     assert token not in secured["server"].log_tail(10**7)  # the token is never logged

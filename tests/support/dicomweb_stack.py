@@ -1,4 +1,7 @@
-"""Orthanc holding a phantom study + the IMSCT MONAI Label app serving it (``--studies <orthanc>/dicom-web``).
+"""The IMSCT MONAI Label app on a local Orthanc holding a phantom study, started as ``make serve`` starts
+it: ``apps/imsct_label/serve.py --orthanc DIR --orthanc-port P --store-bids BIDS`` (serve.py starts
+Orthanc with :mod:`imsct.orthanc`, stores the BIDS folder as DICOM written by :mod:`imsct.dicom`,
+serves the app on Orthanc's DICOMweb root, and stops Orthanc when it stops).
 
 One stack per pytest session (``shared_stack``), shared by test_dicomweb.py and test_ohif.py, stopped
 at the end of the session. Everything runs on 127.0.0.1 on free ports, in temporary folders.
@@ -9,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .orthanc import OrthancServer, missing_reason
+from imsct.processes import free_port
+
+from .orthanc import missing_reason
 from .servers import APP_DIR, MonaiLabelServer
 
 
@@ -22,8 +27,23 @@ def stack_missing_reason() -> str | None:
 
 
 @dataclass
+class OrthancOfServe:
+    """The Orthanc that serve.py started (its address; serve.py owns the process)."""
+    port: int
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+
+@dataclass
 class Stack:
-    orthanc: OrthancServer
+    orthanc: OrthancOfServe
     server: MonaiLabelServer
     study: object  # imsct.dicom.StudyFiles of the phantom in Orthanc
     bids_dir: Path
@@ -33,29 +53,43 @@ class Stack:
 _STACK: Stack | None = None
 
 
+def study_files(folder: Path, patient_id: str):
+    """:class:`imsct.dicom.StudyFiles` of a study that serve.py wrote to ``folder`` (``T2w/``, ``T1w_Gd/``)."""
+    import pydicom
+
+    from imsct import dicom
+
+    t2, t1 = sorted((folder / "T2w").glob("*.dcm")), sorted((folder / "T1w_Gd").glob("*.dcm"))
+    if not t2 or not t1:
+        raise RuntimeError(f"{folder}: serve.py wrote no T2w/ and T1w_Gd/ DICOM series")
+    head = lambda f: pydicom.dcmread(f, stop_before_pixels=True)  # noqa: E731
+    return dicom.StudyFiles(patient_id, str(head(t2[0]).StudyInstanceUID), str(head(t2[0]).SeriesInstanceUID),
+                            str(head(t1[0]).SeriesInstanceUID), t2 + t1)
+
+
 def shared_stack(request, tmp_path_factory, phantom_dir) -> Stack:
-    """Start (once per session) Orthanc with the first phantom subject as a DICOM study, and the app on it."""
+    """Start (once per session) serve.py with a local Orthanc holding the first phantom subject as a DICOM study."""
     global _STACK
     if _STACK is not None:
         return _STACK
-    from imsct import dicom
-
     work = tmp_path_factory.mktemp("dicomweb-stack")
-    study = dicom.write_study(phantom_dir / "sub-001" / "anat" / "sub-001_T2w.nii.gz",
-                              phantom_dir / "sub-001" / "anat" / "sub-001_T1w.nii.gz", work / "dicom" / "sub-001", "sub-001")
-    orthanc = OrthancServer(work / "orthanc").start()
+    bids = work / "bids"  # the first subject only
+    (bids / "sub-001").mkdir(parents=True)
+    (bids / "sub-001" / "anat").symlink_to(Path(phantom_dir) / "sub-001" / "anat")
+    orthanc = OrthancOfServe(free_port(), work / "orthanc")
+    mon = work / "monailabel"
+    server = MonaiLabelServer(None, mon, {"models_dir": mon / "models", "state_dir": mon / "state", "retrain_after": 0},
+                              args=["--orthanc", str(orthanc.workdir), "--orthanc-port", str(orthanc.port),
+                                    "--store-bids", str(bids)]).start()
     try:
-        orthanc.upload(study.files)
-        mon = work / "monailabel"
-        server = MonaiLabelServer(orthanc.dicomweb_url, mon, {"models_dir": mon / "models", "state_dir": mon / "state", "retrain_after": 0}).start()
+        study = study_files(orthanc.workdir / "dicom" / "sub-001", "sub-001")
     except BaseException:
-        orthanc.stop()
+        server.stop()
         raise
 
     def stop():
         global _STACK
         server.stop()
-        orthanc.stop()
         _STACK = None
 
     request.config.add_cleanup(stop)  # end of the pytest session

@@ -1,67 +1,18 @@
-"""Start and stop the real servers the tests need, on free loopback ports: the process helpers
-shared by the Orthanc starter (orthanc_server.py) and the IMSCT MONAI Label app
+"""Start and stop the real servers the tests need, on free loopback ports: the IMSCT MONAI Label app
 (:class:`MonaiLabelServer`, used by test_label_app.py, the DICOMweb/OHIF stack and
-scripts/benchmark.py)."""
+scripts/benchmark.py). The process helpers (free port, own process group, log, health URL) are the
+product's, :mod:`imsct.processes`, which also starts the local Orthanc (:mod:`imsct.orthanc`)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import requests
+from imsct.processes import free_port, start_logged, stop_process, wait_for  # noqa: F401  (one implementation, the product's)
 
 from .paths import APP_DIR, ROOT  # noqa: F401
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float, headers: dict | None = None) -> bool:
-    """Poll ``url`` (with ``headers``) until it answers 2xx (True), the process exits or ``timeout`` s pass (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(url, timeout=5, headers=headers).ok:
-                return True
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    return False
-
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
-    """Stop a server started with ``start_new_session=True`` (its whole process group, so the
-    MONAI Label server's training subprocesses go too)."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def start_logged(cmd: list[str], log_path: Path, health_url: str, timeout: float, cwd: Path,
-                 env: dict | None = None, headers: dict | None = None) -> tuple[subprocess.Popen | None, str]:
-    """Start ``cmd`` in its own process group, output to ``log_path``, and wait until ``health_url``
-    answers (requested with ``headers``). Returns ``(process, "")`` when it is up; ``(None, its log)`` when it exited or timed
-    out (it is stopped then)."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
-    if wait_for(health_url, proc, timeout, headers):
-        return proc, ""
-    text = Path(log_path).read_text(errors="replace")
-    stop_process(proc)
-    return None, text
 
 
 class LoggedServer:
@@ -102,17 +53,18 @@ class MonaiLabelServer(LoggedServer):
     ``args`` are more serve.py options, ``env`` more environment variables, ``headers`` go with the
     readiness check (e.g. the ``Authorization`` a server started with ``--token-file`` requires)."""
 
-    def __init__(self, studies: str | os.PathLike, workdir: Path, conf: dict | None = None, start_timeout: float = 300.0,
+    def __init__(self, studies: str | os.PathLike | None, workdir: Path, conf: dict | None = None, start_timeout: float = 300.0,
                  args: list[str] | None = None, env: dict | None = None, headers: dict | None = None):
         super().__init__(workdir, start_timeout, "monailabel.log")
-        self.studies = str(studies)
+        self.studies = None if studies is None else str(studies)
         self.conf = conf or {}
         self.args, self.env, self.headers = list(args or []), dict(env or {}), headers
 
     def start(self) -> "MonaiLabelServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        cmd = [sys.executable, str(APP_DIR / "serve.py"), "--studies", self.studies, "--port", str(self.port)]
+        studies = ["--studies", self.studies] if self.studies is not None else []  # None: args say (e.g. --orthanc DIR)
+        cmd = [sys.executable, str(APP_DIR / "serve.py"), *studies, "--port", str(self.port)]
         for k, v in self.conf.items():
             cmd += ["--conf", k, str(v)]
         cmd += self.args

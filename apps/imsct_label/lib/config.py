@@ -20,6 +20,8 @@ DEFAULTS = {
     "retrain_models": "tumor",  # trainers started by that trigger, comma-separated (tumor, localiser)
     "train_iterations": "50",
     "train_batch_size": "2",
+    "min_new_labels": "1",  # a round needs this many new (or changed) final labels of training cases, else it is refused
+    "train_validations": "2",  # validation number measured this many times during a round (besides before and after)
     "tumor_patch": "128,128,32",
     "localiser_patch": "256,128,32",
     "gate_tolerance": "0.02",  # largest allowed drop of whole-tumour Dice on earlier centres' validation cases
@@ -76,6 +78,8 @@ class AppConfig:
     ewc_lambda: float
     mc_samples: int
     max_upload_mb: float = 512.0
+    min_new_labels: int = 1
+    train_validations: int = 2
     allow_origins: tuple[str, ...] = ()
 
     @classmethod
@@ -128,6 +132,8 @@ class AppConfig:
             ewc_lambda=_number(c, "ewc_lambda", float),
             mc_samples=_number(c, "mc_samples", int, 2),
             max_upload_mb=_number(c, "max_upload_mb", float),
+            min_new_labels=_number(c, "min_new_labels", int, 1),
+            train_validations=_number(c, "train_validations", int, 0),
             allow_origins=parse_origins(c["allow_origin"], "--conf allow_origin"),
         )
 

@@ -36,6 +36,7 @@ import logging
 import os
 import pathlib
 import tempfile
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -78,7 +79,15 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
 
     def t1_path(self, image_id: str) -> str:
         """The case's Gd-T1w as a local NIfTI (:func:`fetch_t1`)."""
-        return fetch_t1(self, image_id)
+        with self._fetch_lock:
+            return fetch_t1(self, image_id)
+
+    def get_image_uri(self, image_id: str) -> str:
+        """The T2w series as a local NIfTI, downloaded once. Requests run in worker threads (and the
+        uncertainty scores in the background): one download into the cache at a time, so two
+        users of one series never write its cache folder together."""
+        with self._fetch_lock:
+            return super().get_image_uri(image_id)
 
     def __init__(self, client, t2_description: str = T2W_DESCRIPTION, t1_description: str = T1W_DESCRIPTION,
                  extra_filter: Optional[Dict[str, Any]] = None, cache_path: Optional[str] = None):
@@ -87,6 +96,7 @@ class ImsctDICOMWebDatastore(DICOMWebDatastore):
         search = {"Modality": "MR", **(extra_filter or {})}
         self._listed: tuple[float, List[dict]] = (0.0, [])  # (when, QIDO records of the T2w series)
         self.client = client  # DICOMWebDatastore keeps it only as a private attribute
+        self._fetch_lock = threading.RLock()
         super().__init__(client=client, search_filter=search, cache_path=cache_path, fetch_by_frame=False, convert_to_nifti=True)
         # the app's own cache of T1w series (monailabel's cache folder is a private attribute)
         base = pathlib.Path(cache_path) if cache_path else pathlib.Path.home() / ".cache" / "imsct-label"

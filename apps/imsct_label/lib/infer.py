@@ -115,8 +115,8 @@ class _IMSCTInfer(InferTask):
 
     def __call__(self, request) -> tuple[str | None, dict]:
         t0 = time.perf_counter()
-        image_id, t2, t1 = load_case(self.datastore(), request)
-        with self.store.lock:
+        image_id, t2, t1 = load_case(self.datastore(), request)  # file reading outside the networks' lock
+        with self.store.interactive():
             cascade = self.store.cascade()
             version = self.store.version()
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from imsct.cascade import Cascade
@@ -35,7 +36,9 @@ class ModelStore:
     """The cascade built from ``models_dir``, rebuilt whenever a weight file changes.
 
     ``lock`` serialises every use of the networks (inference and Monte-Carlo dropout toggle
-    module modes, so two users at once would disturb each other). A changed weight file that does
+    module modes, so two users at once would disturb each other); an annotator's request takes it
+    through :meth:`interactive`, and background work (uncertainty scores) waits while such a
+    request waits or runs (:meth:`interactive_waiting`). A changed weight file that does
     not load (truncated, corrupt, another architecture) is refused: the error is logged once, kept
     in ``refused``, and the previous weights go on serving (their version is what ``version()``
     reports) until a loadable file appears."""
@@ -45,11 +48,29 @@ class ModelStore:
         self.device = device
         self.cascade_kw = cascade_kw
         self.lock = threading.RLock()
+        self._interactive = 0  # annotators' requests waiting for or holding ``lock``
+        self._count_lock = threading.Lock()
         self._cascade: Cascade | None = None
         self._stamp: tuple | None = None
         self._digests: dict[tuple, str] = {}
         self._served_version: dict | None = None
         self.refused: dict | None = None  # {"files": stamp, "reason": str} of the last refused change
+
+    @contextmanager
+    def interactive(self):
+        """``lock`` for an annotator's request: background users let it go first."""
+        with self._count_lock:
+            self._interactive += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._count_lock:
+                self._interactive -= 1
+
+    def interactive_waiting(self) -> bool:
+        """Whether an annotator's request waits for the networks or uses them now."""
+        return self._interactive > 0
 
     def paths(self) -> dict[str, Path]:
         """Served weight file per model key (``localiser``, ``tumor``)."""

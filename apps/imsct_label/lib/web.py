@@ -22,7 +22,19 @@ origins only.
 * a JSON form field (``params`` of uploads, label saves and inferences, ``info`` of the info
   routes) that is not a JSON object: 400 naming the field, checked before MONAI Label copies the
   request's files to the temp folder (its route functions are wrapped, :data:`JSON_FORM_FIELDS`);
-* MONAI Label's own "image / label not found": 404; its "invalid input": 400.
+* MONAI Label's own "image / label not found": 404; its "invalid input": 400;
+* a retraining round that has too few new final labels to train on (``POST /train/<trainer>``):
+  409 with the reason and the number of labels still needed (:meth:`lib.train.StageTrainer.refusal`),
+  instead of a background task that ends "DONE" having trained nothing.
+
+**No request waits behind another.** MONAI Label 0.8.5's route functions are ``async def`` and
+do their work (an inference, Monte-Carlo dropout scoring, file checks of an upload) without
+ever awaiting, on the server's one event loop: while one runs, no other request is even read,
+so ``/info`` waited behind every queued inference. :class:`BlockingRoutesInThreads` runs the
+requests of :data:`THREADED_ROUTES` in worker threads, each with its own event loop, so the
+server's loop stays free for ``/info``, ``/datastore``, ``/activelearning`` and the rest; the
+networks are shared under :attr:`lib.models.ModelStore.lock` (one inference at a time on them,
+file reading and writing outside the lock).
 
 :func:`install` is called by the app when it is created, i.e. while the server starts (MONAI
 Label creates it in the web app's start-up, after the middleware was built); it replaces MONAI
@@ -31,11 +43,13 @@ Label's CORS middleware in the list and has the stack rebuilt for the first requ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 
 from .config import normalise_origin, parse_origins
+from .ohif import OhifServerCookie
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +111,82 @@ def _wrap_json_fields() -> None:
         function = getattr(mod, name)
         if not getattr(function, "imsct_checked", False):
             setattr(mod, name, _checking_json(function, field))  # the route looks the function up at each call
+
+
+# (method, path prefix) of the requests run in a worker thread: MONAI Label's handlers for them block
+THREADED_ROUTES = (
+    ("POST", "/infer/"),
+    ("POST", "/batch/infer/"),
+    ("POST", "/activelearning/"),
+    ("POST", "/scoring/"),
+    ("POST", "/train/"),  # the check of the labels a round would train on reads every final label
+    ("PUT", "/datastore/"),  # uploads and label saves: size and content checks, Dice of the saved label
+    ("GET", "/datastore/dataset"),  # a zip of the whole datastore
+)
+THREADED_REQUESTS_AT_ONCE = 32  # worker threads for them (others wait for a free one, on no thread)
+
+
+class BlockingRoutesInThreads:
+    """ASGI middleware: the requests of :data:`THREADED_ROUTES` go on to the rest of the web app
+    (routing, MONAI Label's handler, exception handlers) in a worker thread with an event loop of
+    its own; their ``receive`` and ``send`` are relayed to the server's loop. Any other request
+    is served on the server's loop as before."""
+
+    def __init__(self, app, routes=THREADED_ROUTES, at_once: int = THREADED_REQUESTS_AT_ONCE):
+        self.app = app
+        self.routes = tuple(routes)
+        self.at_once = at_once
+        self._limiter = None  # made on the server's loop, at the first threaded request
+
+    def threaded(self, scope) -> bool:
+        if scope["type"] != "http":
+            return False
+        method, path = scope.get("method", ""), _path(scope)
+        return any(method == m and path.startswith(prefix) for m, prefix in self.routes)
+
+    async def __call__(self, scope, receive, send):
+        if not self.threaded(scope):
+            return await self.app(scope, receive, send)
+        import anyio.to_thread
+
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.at_once)
+        server_loop = asyncio.get_running_loop()
+
+        def relayed(channel):
+            async def call(*args):
+                return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(channel(*args), server_loop))
+            return call
+
+        thread_receive, thread_send = relayed(receive), relayed(send)
+        await anyio.to_thread.run_sync(lambda: asyncio.run(self.app(scope, thread_receive, thread_send)), limiter=self._limiter)
+
+
+def _refusing_training(run_model):
+    """``monailabel.endpoints.train.run_model`` refusing a round the trainer says it cannot run
+    usefully (HTTP 409 with the reason, also logged); the check runs before any task starts."""
+    import functools
+
+    @functools.wraps(run_model)
+    def checked(model, *args, **kwargs):
+        from fastapi import HTTPException
+
+        check = getattr(_instance(), "training_refusal", None)
+        reason = check(model) if check is not None and model else None
+        if reason:
+            log.warning("POST /train/%s refused: %s", model, reason)
+            raise HTTPException(409, reason)
+        return run_model(model, *args, **kwargs)
+
+    checked.imsct_checked = True
+    return checked
+
+
+def _wrap_training_route() -> None:
+    import monailabel.endpoints.train as train
+
+    if not getattr(train.run_model, "imsct_checked", False):
+        train.run_model = _refusing_training(train.run_model)  # the route looks the function up at each call
 
 
 def _headers(scope) -> list[tuple[str, str]]:
@@ -213,15 +303,18 @@ def install(allow_origins: tuple[str, ...]) -> tuple[str, ...] | None:
 
     allowed = tuple(dict.fromkeys([*allow_origins, *monai_label_origins()]))
     app = web.app
-    kept = [m for m in app.user_middleware if m.cls not in (CORSMiddleware, OriginGuard, KnownTaskNames)]
+    kept = [m for m in app.user_middleware if m.cls not in (CORSMiddleware, OriginGuard, KnownTaskNames, BlockingRoutesInThreads, OhifServerCookie)]
     app.user_middleware[:] = [
         Middleware(OriginGuard, allowed=allowed),
         Middleware(CORSMiddleware, allow_origins=list(allowed), allow_credentials=True, allow_methods=["*"], allow_headers=["*"]),
         *kept,  # the access token (lib/auth.py) when serve.py was given one
+        Middleware(OhifServerCookie),  # OHIF's MONAI Label panel set to this server (lib/ohif.py)
         Middleware(KnownTaskNames),
+        Middleware(BlockingRoutesInThreads),  # innermost: every check above answers on the server's loop
     ]
     app.exception_handlers[MONAILabelException] = _monailabel_error
     _wrap_json_fields()
+    _wrap_training_route()
     app.middleware_stack = None  # rebuilt with the list above for the next request
     log.info("web origins allowed besides the server's own: %s", list(allowed) or "none")
     return allowed
