@@ -63,16 +63,19 @@ def parse_remove_small(text: str | None) -> dict[str, float] | None:
 
     if text is None:
         return None
+    pairs = [(None, text)] if "=" not in text else \
+        [tuple(s.strip() for s in part.split("=", 1)) for part in filter(None, (p.strip() for p in text.split(",")))]
+    # InputError is a ValueError: name an unknown class before parsing numbers so it is not reworded
+    if any(len(pair) != 2 for pair in pairs):
+        raise InputError(f"--remove-small {text}: expected a number or class=number pairs such as tumor=0.2,edema=0.5")
+    unknown = [name for name, _ in pairs if name is not None and name not in LABELS]
+    if unknown:
+        raise InputError(f"--remove-small {text}: unknown class '{unknown[0]}' (choose from {', '.join(LABELS)})")
     out: dict[str, float] = {}
     try:
-        if "=" not in text:
-            out = {k: float(text) for k in LABELS}
-        else:
-            for part in filter(None, (p.strip() for p in text.split(","))):
-                name, value = (s.strip() for s in part.split("=", 1))
-                if name not in LABELS:
-                    raise InputError(f"--remove-small {text}: unknown class '{name}' (choose from {', '.join(LABELS)})")
-                out[name] = float(value)
+        for name, value in pairs:
+            for key in (LABELS if name is None else [name]):
+                out[key] = float(value)
     except ValueError:
         raise InputError(f"--remove-small {text}: expected a number or class=number pairs such as tumor=0.2,edema=0.5") from None
     bad = [k for k, v in out.items() if not v >= 0 or v == float("inf")]

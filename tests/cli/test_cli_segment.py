@@ -261,7 +261,7 @@ def test_parse_remove_small():
     assert parse_remove_small(None) is None
     assert parse_remove_small("0.3") == {k: 0.3 for k in LABELS}
     assert parse_remove_small("tumor=0.1, cavity=0") == {"tumor": 0.1, "cavity": 0.0}
-    for bad in ("x", "tumor=", "tumour=0.2", "-1", "edema=nan"):
+    for bad in ("x", "tumor=", "tumour=0.2", "-1", "edema=nan", "=3", "tumor=0.1,edema"):
         with pytest.raises(InputError, match="--remove-small"):
             parse_remove_small(bad)
 
