@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     this_command = "python scripts/train_anatomy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with open(work / "commands.txt", "a") as fh:
         fh.write(this_command + "\n")
+    # read before anything is written: the starting weights may be the file this run replaces
+    origin = finetune_origin(Path(args.finetune), models / "provenance_anatomy.json") if args.finetune else None
     t0 = time.time()
     if not (data / "participants.tsv").exists():
         generate_dataset(data, args.cases, args.seed, progress=True, disc_labels=True)
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
                     "python": platform.python_version()},
     }
     record_path = models / "provenance_anatomy.json"
+    if origin:
+        record["finetuned_from"] = origin
     record_path.write_text(json.dumps(record, indent=1))
     if args.eval_cases:
         from evaluate_anatomy import evaluate
@@ -104,6 +108,20 @@ def main(argv=None) -> int:
         record_path.write_text(json.dumps(record, indent=1))
     print(f"weights and provenance in {models}")
     return 0
+
+
+def finetune_origin(start: Path, record_path: Path) -> dict:
+    """What a fine-tune started from: the weight file's checksum and the record that made it (read from the
+    provenance beside the starting weights, else the one about to be replaced), so no training history is lost."""
+    import hashlib
+
+    origin = {"weights": str(start), "sha256": hashlib.sha256(start.read_bytes()).hexdigest()}
+    for earlier in (start.parent / "provenance_anatomy.json", record_path):
+        if earlier.exists():
+            before = json.loads(earlier.read_text())
+            origin["provenance"] = before
+            break
+    return origin
 
 
 if __name__ == "__main__":
