@@ -113,13 +113,12 @@ def main(argv=None) -> int:
 def finetune_origin(start: Path, record_path: Path) -> dict:
     """What a fine-tune started from: the weight file's checksum and the record that made it (read from the
     provenance beside the starting weights, else the one about to be replaced), so no training history is lost."""
-    import hashlib
+    from imsct.qc import sha256
 
-    origin = {"weights": str(start), "sha256": hashlib.sha256(start.read_bytes()).hexdigest()}
+    origin = {"weights": str(start), "sha256": sha256([start])}
     for earlier in (start.parent / "provenance_anatomy.json", record_path):
         if earlier.exists():
-            before = json.loads(earlier.read_text())
-            origin["provenance"] = before
+            origin["provenance"] = json.loads(earlier.read_text())
             break
     return origin
 

@@ -63,21 +63,22 @@ def parse_remove_small(text: str | None) -> dict[str, float] | None:
 
     if text is None:
         return None
-    pairs = [(None, text)] if "=" not in text else \
-        [tuple(s.strip() for s in part.split("=", 1)) for part in filter(None, (p.strip() for p in text.split(",")))]
-    # InputError is a ValueError: name an unknown class before parsing numbers so it is not reworded
-    if any(len(pair) != 2 for pair in pairs):
-        raise InputError(f"--remove-small {text}: expected a number or class=number pairs such as tumor=0.2,edema=0.5")
-    unknown = [name for name, _ in pairs if name is not None and name not in LABELS]
-    if unknown:
-        raise InputError(f"--remove-small {text}: unknown class '{unknown[0]}' (choose from {', '.join(LABELS)})")
+    malformed = f"--remove-small {text}: expected a number or class=number pairs such as tumor=0.2,edema=0.5"
+    if "=" not in text:
+        pairs = [(name, text) for name in LABELS]
+    else:
+        pairs = [tuple(s.strip() for s in part.split("=", 1)) for part in filter(None, (p.strip() for p in text.split(",")))]
     out: dict[str, float] = {}
-    try:
-        for name, value in pairs:
-            for key in (LABELS if name is None else [name]):
-                out[key] = float(value)
-    except ValueError:
-        raise InputError(f"--remove-small {text}: expected a number or class=number pairs such as tumor=0.2,edema=0.5") from None
+    for pair in pairs:
+        if len(pair) != 2:
+            raise InputError(malformed)
+        name, value = pair
+        if name not in LABELS:
+            raise InputError(f"--remove-small {text}: unknown class '{name}' (choose from {', '.join(LABELS)})")
+        try:  # only the number: InputError is itself a ValueError and must not be reworded
+            out[name] = float(value)
+        except ValueError:
+            raise InputError(malformed) from None
     bad = [k for k, v in out.items() if not v >= 0 or v == float("inf")]
     if bad:
         raise InputError(f"--remove-small {text}: volumes must be finite and >= 0 ({', '.join(bad)})")
