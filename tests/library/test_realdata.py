@@ -7,6 +7,11 @@ On each scan: the localiser's region covers >= 99 % of the manual cord, the cent
 centroids of the region and of the manual cord) is <= 3 mm, and the cascade writes < 0.1 cm3 of
 whole tumour, two-contrast (no T1w exists: the T2w is given as the T1w too) and T2w-only.
 
+The anatomy network (issue 14) on each scan, T2w-only as it runs there: its tight cord
+(``_seg-cord``) has a Dice >= 0.85 with the manual cord (a bound for "the cord is found and
+delineated", below the 0.894 +- 0.093 measured on held-out phantoms, not chosen on these scans), and
+its level map runs the right way: each level lies below the one before (C2 highest, SCT numbers).
+
 A check the shipped weights fail is marked ``xfail(strict=True)`` with the number measured, so that
 it turns into a failure (to remove the mark) the day retrained weights pass it; it is not weakened.
 """
@@ -45,8 +50,8 @@ def cascades():
     return {False: Cascade.from_models(), True: Cascade.from_models(t2_only=True)}
 
 
-def _xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"shipped (generator-1) weights: {reason}; retraining is issue 12 part 4")
+def _xfail(reason: str, weights: str = "shipped (generator-1) weights", issue: str = "issue 12 part 4"):
+    return pytest.mark.xfail(strict=True, reason=f"{weights}: {reason}; retraining is {issue}")
 
 
 _cache: dict = {}
@@ -77,14 +82,20 @@ def localised(cascades, scan: str) -> dict:
     return _cache[("loc", scan)]
 
 
-def whole_tumour_cm3(cascades, scan: str, t2_only: bool) -> float:
+def segmented(cascades, scan: str, t2_only: bool):
+    """The cascade's result on the scan, and the T2w."""
     if ("seg", scan, t2_only) not in _cache:
         from imsct.io import load_volume
 
         t2 = load_volume(_files(scan)[0], "T2w")
         res = cascades[t2_only](t2, None if t2_only else t2)  # no T1w exists: the T2w stands in for it
-        _cache[("seg", scan, t2_only)] = float((res.labelmap > 0).sum()) * t2.voxel_volume_mm3 / 1000.0
+        _cache[("seg", scan, t2_only)] = res, t2
     return _cache[("seg", scan, t2_only)]
+
+
+def whole_tumour_cm3(cascades, scan: str, t2_only: bool) -> float:
+    res, t2 = segmented(cascades, scan, t2_only)
+    return float((res.labelmap > 0).sum()) * t2.voxel_volume_mm3 / 1000.0
 
 
 @pytest.mark.parametrize("scan", [
@@ -113,3 +124,43 @@ def test_localiser_centreline_error(cascades, scan):
 def test_cascade_finds_no_tumour_on_a_healthy_scan(cascades, scan, t2_only):
     got = whole_tumour_cm3(cascades, scan, t2_only)
     assert got < MAX_WHOLE_TUMOUR_CM3, f"{scan} ({'T2w-only' if t2_only else 'two-contrast'}): {got:.3f} cm3 of whole tumour"
+
+
+MIN_CORD_DICE = 0.85
+
+
+def _anatomy(cascades, scan: str):
+    res, t2 = segmented(cascades, scan, True)
+    if res.anatomy is None:
+        pytest.skip("the shipped models folder has no anatomy network")
+    return res.anatomy, t2
+
+
+@pytest.mark.parametrize("scan", [
+    "sct-t2",
+    pytest.param("pam50", marks=_xfail("Dice 0.789: the tight cord runs 52 mm below the manual cord's end, past the "
+                                       "conus, and 16 mm above it into the medulla (0.884 on the manual cord's slices)",
+                                       weights="shipped anatomy.pt", issue="issue 14")),
+])
+def test_anatomy_cord_matches_the_manual_cord(cascades, scan):
+    from imsct.io import load_volume
+
+    anatomy, _ = _anatomy(cascades, scan)
+    manual = load_volume(_files(scan)[1], "cord mask").data > 0.5
+    found = anatomy.cord > 0
+    dice = 2 * float((manual & found).sum()) / float(manual.sum() + found.sum())
+    assert dice >= MIN_CORD_DICE, f"{scan}: tight cord Dice {dice:.3f} against the manual cord"
+
+
+@pytest.mark.parametrize("scan", ["sct-t2", "pam50"])
+def test_anatomy_levels_run_down_the_cord(cascades, scan):
+    anatomy, t2 = _anatomy(cascades, scan)
+    numbers = [int(v) for v in np.unique(anatomy.levels) if v > 0]
+    assert len(numbers) >= 2, f"{scan}: {len(numbers)} vertebral level(s) on a cord of several vertebrae"
+    assert numbers == list(range(numbers[0], numbers[-1] + 1)), f"{scan}: levels {numbers} skip a number"
+    heights = []  # mean world superior coordinate of each level's voxels
+    for n in numbers:
+        ijk = np.argwhere(anatomy.levels == n)
+        heights.append(float((t2.affine[2, :3] @ ijk.T.astype(float)).mean() + t2.affine[2, 3]))
+    assert all(a > b for a, b in zip(heights, heights[1:])), (
+        f"{scan}: levels {numbers} at heights {np.round(heights, 1)} mm: a level lies above the one before it")
