@@ -381,7 +381,7 @@ class Cascade:
         cord_w[sl] = largest_component(probs[0] > self.threshold)
         disc_w = np.zeros(w.shape, np.float32)
         disc_w[sl] = probs[1]
-        levels = find_levels(cord_w, disc_w, w.affine, disc_label, self.threshold)
+        levels = find_levels(cord_w, disc_w, w.affine, disc_label, self.threshold, region=(lo, hi))
         # onto the T2w grid: the cord from its probability (trilinear), inside the box's covering region
         cord_native = np.zeros(t2.shape[:3], np.uint8)
         levels_native = np.zeros(t2.shape[:3], np.uint8)

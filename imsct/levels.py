@@ -16,7 +16,7 @@ in this order of trust:
 1. **a disc given by the user** (a label file with one voxel valued by its number, as SCT's
    ``-initlabel``): the detected disc nearest to it along the cord takes its number;
 2. **the top of the column**: when the cord continues for at least :data:`HEADROOM_MM` (and 1.5
-   disc gaps) above the highest disc without another disc, and the gaps below it are cervical
+   of the top three disc gaps) above the highest disc without another disc, and the gaps below it are cervical
    (at most :data:`CERVICAL_GAP_MAX_MM`), that disc is C2/C3, the highest disc there is (C1 and C2
    have none between them, and the skull base lies above);
 3. **the conus**: when the cord ends inside the field (at least :data:`CONUS_MARGIN_MM` above the
@@ -52,6 +52,8 @@ CENTRELINE_SMOOTH_MM = 10.0
 MISSED_GAP_FACTOR = 1.6  # a gap this many times the expected one holds a missed disc
 CONUS_MARGIN_MM = 15.0  # the cord ending this far above the field's lower edge ends there (the conus)
 CONUS_DISC = 20  # T12/L1: the disc just above the conus tip
+MIN_RELATIVE_DISC = 1.0 / 3.0  # adjacent discs differ in volume by well under this factor along the column
+TOP_CLEAR_MM = 25.0  # C2/C3, the highest disc, lies 35 mm or more below the cord's upper end (C1, C2 and the dens)
 
 # Typical adult distance (mm) from disc n to disc n + 1 (the height of vertebra n plus its disc),
 # keyed by disc number: cervical ~18, thoracic rising from ~23 to ~33, lumbar ~37.
@@ -153,10 +155,15 @@ class Levels:
         }
 
 
-def detect_discs(disc_prob: np.ndarray, affine: np.ndarray, centreline: Centreline, threshold: float = 0.5) -> list[Disc]:
+def detect_discs(disc_prob: np.ndarray, affine: np.ndarray, centreline: Centreline, threshold: float = 0.5,
+                 region: tuple | None = None) -> list[Disc]:
     """Disc components of a probability map (any grid), projected onto the cord centreline; top
     first. Components too small, too far from the cord, or beyond the cord's ends are dropped;
-    components closer than :data:`MERGE_MM` along the cord are merged."""
+    components closer than :data:`MERGE_MM` along the cord are merged; then a disc smaller than
+    :data:`MIN_RELATIVE_DISC` of the median of its (up to) three nearest along the cord is dropped
+    (a fragment, or the atlanto-axial joint or skull base taken for a disc), unless it touches the
+    edge of ``region`` (``(lo, hi)`` voxel corners where the network looked, default the whole
+    grid), where a real disc can be cut."""
     affine = np.asarray(affine, float)
     vox = float(abs(np.linalg.det(affine[:3, :3])))
     lab, n = ndimage.label(np.asarray(disc_prob) > threshold, structure=np.ones((3, 3, 3), bool))
@@ -166,22 +173,32 @@ def detect_discs(disc_prob: np.ndarray, affine: np.ndarray, centreline: Centreli
     keep = np.flatnonzero(counts * vox >= MIN_DISC_MM3) + 1
     if keep.size == 0:
         return []
+    lo, hi = (np.zeros(3, int), np.array(lab.shape)) if region is None else (np.asarray(v, int) for v in region)
+    bounds = ndimage.find_objects(lab)
+    at_edge = {int(k): any(sl.start <= a or sl.stop >= b for sl, a, b in zip(bounds[k - 1], lo, hi)) for k in keep}
     centres = np.asarray(ndimage.center_of_mass(np.ones(lab.shape), lab, keep))
     idx, arc, dist = centreline.project(to_world(centres, affine))
     last = len(centreline.arc) - 1
-    found = [Disc(centreline.world[i], float(a), volume_mm3=float(counts[k - 1] * vox))
+    found = [(Disc(centreline.world[i], float(a), volume_mm3=float(counts[k - 1] * vox)), at_edge[int(k)])
              for i, a, d, k in zip(idx, arc, dist, keep) if d <= MAX_DISC_DISTANCE_MM and 0 < i < last]
-    found.sort(key=lambda d: -d.arc_mm)
-    merged: list[Disc] = []
-    for d in found:
-        if merged and merged[-1].arc_mm - d.arc_mm < MERGE_MM:
-            a = merged[-1]
+    found.sort(key=lambda f: -f[0].arc_mm)
+    merged: list[tuple[Disc, bool]] = []
+    for d, edge in found:
+        if merged and merged[-1][0].arc_mm - d.arc_mm < MERGE_MM:
+            a, a_edge = merged[-1]
             w = a.volume_mm3 + d.volume_mm3
-            merged[-1] = Disc((a.world * a.volume_mm3 + d.world * d.volume_mm3) / w,
-                              (a.arc_mm * a.volume_mm3 + d.arc_mm * d.volume_mm3) / w, volume_mm3=w)
+            merged[-1] = (Disc((a.world * a.volume_mm3 + d.world * d.volume_mm3) / w,
+                               (a.arc_mm * a.volume_mm3 + d.arc_mm * d.volume_mm3) / w, volume_mm3=w), a_edge or edge)
         else:
-            merged.append(d)
-    return merged
+            merged.append((d, edge))
+    arcs = np.array([d.arc_mm for d, _ in merged])
+    vols = np.array([d.volume_mm3 for d, _ in merged])
+    out = []
+    for k, (d, edge) in enumerate(merged):
+        near = np.argsort(np.abs(arcs - arcs[k]))[1:4]
+        if edge or near.size == 0 or d.volume_mm3 >= MIN_RELATIVE_DISC * float(np.median(vols[near])):
+            out.append(d)
+    return out
 
 
 def _steps(arcs: np.ndarray, first_label: int) -> list[int]:
@@ -243,7 +260,8 @@ def number_discs(discs: list[Disc], centreline: Centreline, user: tuple[np.ndarr
     else:
         gaps = -np.diff(arcs)
         headroom = float(centreline.arc[-1] - arcs[0])
-        needed = max(HEADROOM_MM, 1.5 * float(np.median(gaps))) if gaps.size else HEADROOM_MM
+        # 1.5 gaps of the spacing at the top (cervical there), not of the whole field's (thoracic in a long one)
+        needed = max(HEADROOM_MM, 1.5 * float(np.median(gaps[:3]))) if gaps.size else HEADROOM_MM
         cervical = gaps.size == 0 or float(np.median(gaps[:3])) <= CERVICAL_GAP_MAX_MM
         if headroom >= needed and cervical:
             first, method, certain = 3, "top of column", True
@@ -288,18 +306,31 @@ def level_map(cord: np.ndarray, affine: np.ndarray, centreline: Centreline, disc
 
 
 def find_levels(cord: np.ndarray, disc_prob: np.ndarray, affine: np.ndarray, user: tuple[np.ndarray, int] | None = None,
-                threshold: float = 0.5) -> Levels:
+                threshold: float = 0.5, region: tuple | None = None) -> Levels:
     """Discs, their numbers and the level map from a cord mask and a disc probability map on one
     grid whose first axis points superiorly (the cascade's working grid). ``user``: ``(world
-    point, disc number)`` of one disc the user identified."""
+    point, disc number)`` of one disc the user identified. ``region``: ``(lo, hi)`` voxel corners
+    of the part of the grid the network looked at (default: all of it); the cord ends inside the
+    field at either end only when it stops :data:`CONUS_MARGIN_MM` short of that part's edge.
+
+    Where the cord's upper end lies inside the field (the top of the column is there), detections
+    less than :data:`TOP_CLEAR_MM` below it are dropped: no disc lies between C1 and C2."""
     centreline = Centreline.from_mask(cord, affine)
     if centreline is None:
         return Levels([], "none", False, np.zeros(np.shape(cord), np.uint8), ["no spinal cord: no levels"])
-    discs = detect_discs(disc_prob, affine, centreline, threshold)
+    lo, hi = (0, np.shape(cord)[0]) if region is None else (int(region[0][0]), int(region[1][0]))
+    discs = detect_discs(disc_prob, affine, centreline, threshold, region)
     step = float(np.linalg.norm(np.asarray(affine)[:3, 0]))
-    conus = centreline.slices[0] * step >= CONUS_MARGIN_MM
-    method, certain, notes = number_discs(discs, centreline, user, conus)
-    return Levels(discs, method, certain, level_map(cord, affine, centreline, discs), notes)
+    conus = (centreline.slices[0] - lo) * step >= CONUS_MARGIN_MM
+    notes: list[str] = []
+    if (hi - 1 - centreline.slices[-1]) * step >= CONUS_MARGIN_MM:
+        below = [d for d in discs if centreline.arc[-1] - d.arc_mm >= TOP_CLEAR_MM]
+        if len(below) < len(discs):
+            notes.append(f"{len(discs) - len(below)} disc-like detection(s) less than {TOP_CLEAR_MM:.0f} mm below the cord's upper end "
+                         "ignored (C1 and C2 have no disc between them)")
+            discs = below
+    method, certain, more = number_discs(discs, centreline, user, conus)
+    return Levels(discs, method, certain, level_map(cord, affine, centreline, discs), notes + more)
 
 
 def read_disc_label(data: np.ndarray, affine: np.ndarray, where: str) -> tuple[np.ndarray, int]:

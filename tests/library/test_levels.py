@@ -163,3 +163,51 @@ def test_the_summary_lists_levels_from_top_to_bottom():
     lv = find_levels(cord, disc, AFFINE, user=(np.array([float(rows[0]), 33.0, 16.0]), 3))
     names = lv.summary()["levels"]
     assert names == sorted(names, key=level_number) and names[0] == "C2" and "T10" in names
+
+
+def test_a_small_detection_above_c2_c3_is_not_taken_for_a_disc():
+    """A component a fifth of its neighbours' size (the atlanto-axial joint, say) above the real
+    C2/C3 would make every number one too low; it is dropped."""
+    rows = [240, 222, 204, 186, 168]
+    cord, disc = spine(300, rows)
+    disc[255:258, 8:16, 4:8] = 1.0  # 96 voxels, 192 mm3: over the absolute floor, a fifth of a disc
+    lv = find_levels(cord, disc, AFFINE)
+    assert lv.method == "top of column"
+    assert [round(d.arc_mm) for d in lv.discs] == [r for r in rows]  # the arc starts at row 0, 1 mm a row
+    assert [d.label for d in lv.discs] == [3, 4, 5, 6, 7]
+
+
+def test_a_small_disc_cut_by_the_edge_of_the_region_is_kept():
+    rows = [240, 222, 204, 186]
+    cord, disc = spine(300, rows)
+    disc[100:105, 0:2, 4:12] = 1.0  # 160 mm3 against the anterior edge: a disc the field cuts
+    cut = len(find_levels(cord, disc, AFFINE).discs)
+    disc[100:105, 0:2, 4:12] = 0.0
+    disc[100:105, 6:8, 4:12] = 1.0  # the same fragment away from every edge
+    inside = len(find_levels(cord, disc, AFFINE).discs)
+    assert (cut, inside) == (5, 4)
+
+
+def test_no_disc_is_read_just_below_the_upper_end_of_a_cord_that_ends_in_the_field():
+    """The cord stops 20 mm under the field's top (the medulla above is not labelled cord): the top
+    of the column is in the field, and a disc-sized detection 17 mm below the cord's end is not a
+    disc, so C2/C3 is the next one down."""
+    rows = [240, 222, 204, 186, 168]
+    cord, disc = spine(300, rows + [262], cord_rows=(0, 280))
+    lv = find_levels(cord, disc, AFFINE)
+    assert lv.method == "top of column"
+    assert [d.label for d in lv.discs] == [3, 4, 5, 6, 7]
+    assert any("C1 and C2" in n for n in lv.notes)
+    # the same detection where the cord runs to the field's top is kept (the field cuts the column)
+    cord, disc = spine(300, rows + [262])
+    assert len(find_levels(cord, disc, AFFINE).discs) == 6
+
+
+def test_a_whole_spine_field_is_numbered_from_c2_by_its_cervical_spacing():
+    """34 mm of cord above C2/C3 is two cervical gaps: the top of the column, though the field's
+    median gap (thoracolumbar, 30 mm) is longer than the cord above."""
+    rows = [560, 542, 524, 506, 488, 470] + list(range(440, 100, -30))
+    cord, disc = spine(600, rows, cord_rows=(0, 594))
+    lv = find_levels(cord, disc, AFFINE)
+    assert lv.method == "top of column"
+    assert [d.label for d in lv.discs] == list(range(3, 3 + len(rows)))
