@@ -117,9 +117,11 @@ def test_localiser_centreline_error(cascades, scan):
 
 @pytest.mark.parametrize("scan, t2_only", [
     pytest.param("sct-t2", False, id="sct-t2-two-contrast"),
-    pytest.param("sct-t2", True, id="sct-t2-t2only", marks=_xfail("0.27 cm3 of whole tumour (tumour 0.27) measured")),
+    pytest.param("sct-t2", True, id="sct-t2-t2only"),
     pytest.param("pam50", False, id="pam50-two-contrast", marks=_xfail("9.81 cm3 of whole tumour (tumour 9.81) measured")),
-    pytest.param("pam50", True, id="pam50-t2only", marks=_xfail("1.49 cm3 of whole tumour (tumour 0.98, edema 0.51) measured")),
+    pytest.param("pam50", True, id="pam50-t2only", marks=_xfail(
+        "2.56 cm3 of whole tumour (tumour 1.22 in the medulla above the cord, edema 1.34 below the conus) measured",
+        weights="shipped model_t2only.pt (Dice + BCE fine-tune)")),
 ])
 def test_cascade_finds_no_tumour_on_a_healthy_scan(cascades, scan, t2_only):
     got = whole_tumour_cm3(cascades, scan, t2_only)
