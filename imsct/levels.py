@@ -155,6 +155,13 @@ class Levels:
         }
 
 
+def _region(region: tuple | None, shape) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` voxel corners of the part of a grid the network looked at (all of it by default)."""
+    if region is None:
+        return np.zeros(3, int), np.asarray(shape[:3], int)
+    return np.asarray(region[0], int), np.asarray(region[1], int)
+
+
 def detect_discs(disc_prob: np.ndarray, affine: np.ndarray, centreline: Centreline, threshold: float = 0.5,
                  region: tuple | None = None) -> list[Disc]:
     """Disc components of a probability map (any grid), projected onto the cord centreline; top
@@ -173,7 +180,7 @@ def detect_discs(disc_prob: np.ndarray, affine: np.ndarray, centreline: Centreli
     keep = np.flatnonzero(counts * vox >= MIN_DISC_MM3) + 1
     if keep.size == 0:
         return []
-    lo, hi = (np.zeros(3, int), np.array(lab.shape)) if region is None else (np.asarray(v, int) for v in region)
+    lo, hi = _region(region, lab.shape)
     bounds = ndimage.find_objects(lab)
     at_edge = {int(k): any(sl.start <= a or sl.stop >= b for sl, a, b in zip(bounds[k - 1], lo, hi)) for k in keep}
     centres = np.asarray(ndimage.center_of_mass(np.ones(lab.shape), lab, keep))
@@ -260,9 +267,10 @@ def number_discs(discs: list[Disc], centreline: Centreline, user: tuple[np.ndarr
     else:
         gaps = -np.diff(arcs)
         headroom = float(centreline.arc[-1] - arcs[0])
-        # 1.5 gaps of the spacing at the top (cervical there), not of the whole field's (thoracic in a long one)
-        needed = max(HEADROOM_MM, 1.5 * float(np.median(gaps[:3]))) if gaps.size else HEADROOM_MM
-        cervical = gaps.size == 0 or float(np.median(gaps[:3])) <= CERVICAL_GAP_MAX_MM
+        # the spacing at the top (cervical there), not the whole field's (thoracic in a long one)
+        top_gap = float(np.median(gaps[:3])) if gaps.size else 0.0
+        needed = max(HEADROOM_MM, 1.5 * top_gap)
+        cervical = top_gap <= CERVICAL_GAP_MAX_MM
         if headroom >= needed and cervical:
             first, method, certain = 3, "top of column", True
         elif conus:
@@ -318,12 +326,12 @@ def find_levels(cord: np.ndarray, disc_prob: np.ndarray, affine: np.ndarray, use
     centreline = Centreline.from_mask(cord, affine)
     if centreline is None:
         return Levels([], "none", False, np.zeros(np.shape(cord), np.uint8), ["no spinal cord: no levels"])
-    lo, hi = (0, np.shape(cord)[0]) if region is None else (int(region[0][0]), int(region[1][0]))
-    discs = detect_discs(disc_prob, affine, centreline, threshold, region)
+    lo, hi = _region(region, np.shape(cord))
+    discs = detect_discs(disc_prob, affine, centreline, threshold, (lo, hi))
     step = float(np.linalg.norm(np.asarray(affine)[:3, 0]))
-    conus = (centreline.slices[0] - lo) * step >= CONUS_MARGIN_MM
+    conus = (centreline.slices[0] - lo[0]) * step >= CONUS_MARGIN_MM
     notes: list[str] = []
-    if (hi - 1 - centreline.slices[-1]) * step >= CONUS_MARGIN_MM:
+    if (hi[0] - 1 - centreline.slices[-1]) * step >= CONUS_MARGIN_MM:
         below = [d for d in discs if centreline.arc[-1] - d.arc_mm >= TOP_CLEAR_MM]
         if len(below) < len(discs):
             notes.append(f"{len(discs) - len(below)} disc-like detection(s) less than {TOP_CLEAR_MM:.0f} mm below the cord's upper end "

@@ -28,14 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MATCH_MM = 10.0
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0
-
-
 def evaluate_case(cascade, case) -> dict:
     from imsct.io import load_image, load_volume
     from imsct.labels import CORD_SUFFIX, SEG_SUFFIXES
+    from imsct.metrics import dice
     from imsct.morphometrics import measure
 
     t2, t1 = load_image(case.t2, "T2w"), load_image(case.t1, "T1w")
@@ -44,7 +40,7 @@ def evaluate_case(cascade, case) -> dict:
     info = json.loads(Path(str(case.labels[CORD_SUFFIX]).replace("_T2w_seg-cord.nii.gz", "_phantom.json")).read_text())
     cord_true = load_volume(case.labels[CORD_SUFFIX], "cord").data > 0.5
     row = {"case": case.name, "coverage": info["coverage"], "acquisition": info["acquisition"],
-           "cord_dice": _dice(a.cord > 0, cord_true), "method": a.summary["method"], "certain": a.summary["certain"]}
+           "cord_dice": dice(a.cord > 0, cord_true), "method": a.summary["method"], "certain": a.summary["certain"]}
     found = [(np.asarray(d["world_mm"]), d["label"]) for d in a.summary["discs"]]
     inv = np.linalg.inv(t2.affine)
     truth = []

@@ -173,7 +173,7 @@ def test_a_small_detection_above_c2_c3_is_not_taken_for_a_disc():
     disc[255:258, 8:16, 4:8] = 1.0  # 96 voxels, 192 mm3: over the absolute floor, a fifth of a disc
     lv = find_levels(cord, disc, AFFINE)
     assert lv.method == "top of column"
-    assert [round(d.arc_mm) for d in lv.discs] == [r for r in rows]  # the arc starts at row 0, 1 mm a row
+    assert [round(d.arc_mm) for d in lv.discs] == rows  # the arc starts at row 0, 1 mm a row
     assert [d.label for d in lv.discs] == [3, 4, 5, 6, 7]
 
 

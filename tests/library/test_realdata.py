@@ -146,11 +146,10 @@ def _anatomy(cascades, scan: str):
 ])
 def test_anatomy_cord_matches_the_manual_cord(cascades, scan):
     from imsct.io import load_volume
+    from imsct.metrics import dice as dice_of
 
     anatomy, _ = _anatomy(cascades, scan)
-    manual = load_volume(_files(scan)[1], "cord mask").data > 0.5
-    found = anatomy.cord > 0
-    dice = 2 * float((manual & found).sum()) / float(manual.sum() + found.sum())
+    dice = dice_of(anatomy.cord > 0, load_volume(_files(scan)[1], "cord mask").data > 0.5)
     assert dice >= MIN_CORD_DICE, f"{scan}: tight cord Dice {dice:.3f} against the manual cord"
 
 
@@ -160,9 +159,9 @@ def test_anatomy_levels_run_down_the_cord(cascades, scan):
     numbers = [int(v) for v in np.unique(anatomy.levels) if v > 0]
     assert len(numbers) >= 2, f"{scan}: {len(numbers)} vertebral level(s) on a cord of several vertebrae"
     assert numbers == list(range(numbers[0], numbers[-1] + 1)), f"{scan}: levels {numbers} skip a number"
-    heights = []  # mean world superior coordinate of each level's voxels
-    for n in numbers:
-        ijk = np.argwhere(anatomy.levels == n)
-        heights.append(float((t2.affine[2, :3] @ ijk.T.astype(float)).mean() + t2.affine[2, 3]))
+    from imsct.io import world
+
+    # mean world superior coordinate of each level's voxels
+    heights = [float(world(np.argwhere(anatomy.levels == n), t2.affine)[:, 2].mean()) for n in numbers]
     assert all(a > b for a, b in zip(heights, heights[1:])), (
         f"{scan}: levels {numbers} at heights {np.round(heights, 1)} mm: a level lies above the one before it")
