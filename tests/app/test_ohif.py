@@ -246,8 +246,12 @@ def test_ohif_monai_label_mode_opens_sagittal_series_and_panel_connects(stack, b
     ActionChains(browser).move_to_element(connect).click().perform()
     models = ("cascade", "localiser", "tumor")
     deadline = time.monotonic() + 90
+    def shown(text: str, options: list[str]) -> bool:  # the options fill in before the panel's text is drawn
+        lines = {line.strip() for line in text.splitlines()}
+        return set(models) <= set(options) and "IMSCT" in text and "Auto-Segmentation" in text and set(models) <= lines
+
     text, options = panel_text(browser)
-    while not set(models) <= set(options) and time.monotonic() < deadline:
+    while not shown(text, options) and time.monotonic() < deadline:
         time.sleep(1.0)
         text, options = panel_text(browser)
     time.sleep(1.0)  # the "connected" notice fades
