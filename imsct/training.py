@@ -249,15 +249,21 @@ class PatchDataset(torch.utils.data.Dataset):
     ``t1_dropout``: probability that a stage-2 sample's T1w channel is replaced by zeros (modality
     dropout); 1.0 trains the T2w-only network that ``--t2-only`` runs (a constant channel is zero
     after the network's per-patch z-scoring, exactly what inference feeds when T1w is absent).
+    ``t2_as_t1``: probability that it is replaced by a copy of the T2w instead (a T1w channel that
+    carries no contrast information, as when a site passes its T2w or a non-contrast series as the
+    T1w); the labels are kept, so the network learns to answer from the T2w alone then, not to
+    read lesions into the copy. The two draws are exclusive (dropout first).
 
     Stage 0 / 2 images have three channels, [T2w, T1w, validity]: the patch-padding rule of
     :mod:`imsct.windows`, the same as the inference and validation windows."""
 
     def __init__(self, files, stage: int, patch, samples: int = 100, augment_prob: float = 0.5, p_lesion: float = 0.67,
-                 t1_dropout: float = 0.0):
+                 t1_dropout: float = 0.0, t2_as_t1: float = 0.0):
         self.files, self.stage, self.patch = list(files), int(stage), tuple(int(p) for p in patch)
         self.samples, self.augment_prob, self.p_lesion = int(samples), float(augment_prob), float(p_lesion)
-        self.t1_dropout = float(t1_dropout)
+        self.t1_dropout, self.t2_as_t1 = float(t1_dropout), float(t2_as_t1)
+        if not 0.0 <= self.t1_dropout + self.t2_as_t1 <= 1.0 or min(self.t1_dropout, self.t2_as_t1) < 0:
+            raise ValueError(f"t1_dropout {t1_dropout} and t2_as_t1 {t2_as_t1}: each must be >= 0 and their sum <= 1")
 
     def __len__(self) -> int:
         return self.samples
@@ -271,8 +277,12 @@ class PatchDataset(torch.utils.data.Dataset):
             x, y = anatomy_sample(f, rng, self.patch)
         else:  # stage 2, or stage 0: one network on the whole field (no cascade)
             x, y = stage2_sample(f, rng, self.patch, self.p_lesion, crop_to_cord=self.stage == 2)
-            if self.t1_dropout > 0 and rng.random() < self.t1_dropout:
+            # drawn only when asked for, so runs without it keep the random stream they always had
+            u = rng.random() if self.t1_dropout + self.t2_as_t1 > 0 else 1.0
+            if u < self.t1_dropout:
                 x[1] = 0.0
+            elif u < self.t1_dropout + self.t2_as_t1:
+                x[1] = x[0]
         xt, yt = _augment(torch.from_numpy(x)[None], torch.from_numpy(y)[None], rng, self.augment_prob, validity=self.stage != 1)
         return {"image": xt[0], "label": yt[0]}
 

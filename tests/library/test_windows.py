@@ -169,3 +169,31 @@ def test_anatomy_patches_and_validation_reach_past_the_cord_ends(tmp_path):
     item = ValidationDataset([npz], 3)[0]
     assert item["image"].shape[1] == shape[0] and item["label"].shape[0] == 2
     assert len(PatchDataset([npz], 3, (64, 64, 32), samples=2)) == 2
+
+
+def test_stage2_modality_substitution(tmp_path):
+    """t1_dropout zeroes the T1w channel, t2_as_t1 replaces it by the T2w; the T2w, validity and
+    labels stay those of the same draw without substitution; an impossible mix is refused."""
+    from imsct.training import PatchDataset
+
+    npz = _tiny_npz(tmp_path)
+
+    def item(**kw):
+        torch.manual_seed(3)  # the same draw for every setting
+        return PatchDataset([npz], 2, (64, 64, 32), samples=1, augment_prob=0.0, **kw)[0]
+
+    plain, dropped, copied = item(), item(t1_dropout=1.0), item(t2_as_t1=1.0)
+    assert not torch.equal(plain["image"][1], plain["image"][0])
+    assert (dropped["image"][1] == 0).all()
+    torch.testing.assert_close(copied["image"][1], copied["image"][0])
+    for other in (dropped, copied):
+        torch.testing.assert_close(other["image"][[0, 2]], plain["image"][[0, 2]])
+        torch.testing.assert_close(other["label"], plain["label"])
+    torch.manual_seed(0)
+    mixed = PatchDataset([npz], 2, (64, 64, 32), samples=40, augment_prob=0.0, t1_dropout=0.5, t2_as_t1=0.5)
+    kinds = {("zero" if (s["image"][1] == 0).all() else "copy" if torch.equal(s["image"][1], s["image"][0]) else "t1")
+             for s in (mixed[i] for i in range(len(mixed)))}
+    assert kinds == {"zero", "copy"}
+    for bad in ({"t1_dropout": 0.6, "t2_as_t1": 0.6}, {"t2_as_t1": -0.1}):
+        with pytest.raises(ValueError, match="t2_as_t1"):
+            PatchDataset([npz], 2, (64, 64, 32), **bad)
