@@ -110,6 +110,7 @@ def segment_volumes(cascade: Cascade, t2: Volume, t1: Volume | None, output_dir:
                                    "T1w": t1.path if t1 is not None and t1.path != "<memory>" else None},
                          seconds=seconds, timings_s={k: round(v, 3) for k, v in res.timings.items()},
                          cord_found=res.cord_found, cord_constraint_applied=res.cord_constraint,
+                         cord_constraint_region=res.cord_constraint_region,
                          t1_coverage_of_box=None if res.t1_coverage is None else round(res.t1_coverage, 4),
                          t1_missing=res.t1_missing, t1_registration=registration,
                          levels=res.anatomy.summary if res.anatomy is not None else None, **(extra or {}))

@@ -1,19 +1,20 @@
-"""What the padding-safe windows (issue 12, fix 1) and the intramedullary constraint (fix 2) change.
+"""What the intramedullary constraint (issue 12, fix 2) changes, and on which cord region.
 
 On held-out phantoms (seed never used for training) and, where present, on the real healthy scans of
-``../shared/realdata``, each case is run once through stage 1 and stage 2's crop, then stage 2 twice:
+``../shared/realdata``, each case is run once through stage 1, stage 2 (the padding-safe windows of
+:mod:`imsct.windows`) and, where the models folder has it, the anatomy network; the one stage-2 result
+is then post-processed several ways (the networks are not run again for that):
 
-* ``zero-pad``: the windows as they were before fix 1: MONAI's sliding window at the full 128 x 128 x 32
-  window, zero padding, the z-score over the whole window (padding included);
-* ``fitted``: :class:`imsct.windows.PaddingSafeInferer` (fix 1);
+* ``fitted``: no constraint;
+* ``fitted+constraint``: lesions must overlap the stage-1 region (a 30 mm cylinder) dilated by the
+  cascade's ``cord_margin_mm``;
+* ``fitted+tightM``: lesions must overlap the anatomy network's tight cord dilated by M mm.
 
-and each result is post-processed without and with the cord constraint (fix 2; the networks are
-not run again for that). Printed per group (healthy subjects by acquisition, lesion subjects, real
-scans): the whole-tumour volume (cm3, mean and max) for zero-pad / fitted / fitted + constraint, the
-share of subjects with any lesion, and for lesion subjects the Dice of each class with and without
-the constraint and the true lesion voxels the constraint removed ("lost"; it must stay 0).
+Printed per group (healthy subjects by acquisition, lesion subjects, real scans): the whole-tumour
+volume (cm3, mean and max), the share of subjects with any lesion, and for lesion subjects the Dice
+of each class per variant and the true lesion voxels each constraint removed (it must stay 0).
 
-    python scripts/cord_constraint_effect.py --healthy 20 --lesion 20 --max-voxels 400000
+    python scripts/cord_constraint_effect.py --healthy 20 --lesion 30
 """
 
 from __future__ import annotations
@@ -43,25 +44,18 @@ def volume(img, what: str) -> Volume:
     return Volume(np.asarray(img.get_fdata(), np.float32), np.asarray(img.affine, float), what)
 
 
-def zero_padded_probs(cascade: Cascade, crop: np.ndarray) -> np.ndarray:
-    """Stage 2 as before fix 1: a plain MONAI sliding window, zero padding, whole-window z-score."""
-    from monai.inferers import SlidingWindowInferer
-
-    inf = cascade.inferer
-    sw = SlidingWindowInferer(roi_size=inf.roi_size, sw_batch_size=inf.sw_batch_size, overlap=inf.overlap, mode=inf.mode)
-    with torch.no_grad(), cascade._autocast():
-        logits = sw(torch.from_numpy(np.ascontiguousarray(crop))[None].to(cascade.device), cascade.segmenter)
-    return torch.sigmoid(logits.float())[0].cpu().numpy()
-
-
 def run_case(cascade: Cascade, t2: Volume, t1: Volume | None) -> dict:
-    """Label maps on the T2w grid: zero-pad, fitted, fitted + constraint (and zero-pad + constraint)."""
+    """Label maps on the T2w grid, one per variant (see the module's docstring)."""
     w, cord_w, box = cascade.locate(t2)
     crop, _ = cascade.stage2_input(w.data, w.affine, box, t1)
     out = {"cord_found": bool(cord_w.any())}
-    for name, probs in (("zero-pad", zero_padded_probs(cascade, crop)), ("fitted", cascade.segment_crop(crop))):
-        out[name], _ = cascade.to_native(probs, box, w.affine, t2)
-        out[name + "+constraint"], _ = cascade.to_native(probs, box, w.affine, t2, cord=cord_w)
+    probs = cascade.segment_crop(crop)
+    out["fitted"], _ = cascade.to_native(probs, box, w.affine, t2)
+    out["fitted+constraint"], _ = cascade.to_native(probs, box, w.affine, t2, cord=cord_w)
+    if cascade.anatomy is not None:
+        tight, _ = cascade.tight_cord(crop[0], box, w)
+        for m in TIGHT_MARGINS:
+            out[f"fitted+tight{m:g}"], _ = cascade.to_native(probs, box, w.affine, t2, cord=tight, margin_mm=m)
     return out
 
 
@@ -76,7 +70,8 @@ def truth_of(case) -> np.ndarray:
     return lab
 
 
-VARIANTS = ("zero-pad", "zero-pad+constraint", "fitted", "fitted+constraint")
+TIGHT_MARGINS = (0.0, 2.0, 5.0)
+VARIANTS = ("fitted", "fitted+constraint", *(f"fitted+tight{m:g}" for m in TIGHT_MARGINS))
 
 
 
@@ -93,11 +88,13 @@ def summarise_healthy(title: str, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--healthy", type=int, default=20, help="healthy phantoms, spread over the acquisitions")
-    ap.add_argument("--lesion", type=int, default=20, help="lesion phantoms (the shipped weights' appearance)")
+    ap.add_argument("--lesion", type=int, default=20, help="lesion phantoms (see --appearance)")
     ap.add_argument("--seed", type=int, default=9500, help="phantom seed (never used for training)")
     ap.add_argument("--max-voxels", type=int, default=400_000)
     ap.add_argument("--acquisitions", default="sagittal,iso3d,crop,axial,wholespine")
     ap.add_argument("--no-real", action="store_true", help="skip the real scans of ../shared/realdata")
+    ap.add_argument("--appearance", choices=("like-shipped", "default"), default="default",
+                    help="lesion phantoms: the generator's defaults, or the generator-1 appearance of the first shipped weights")
     args = ap.parse_args(argv)
     from imsct.phantoms import generate_case
 
@@ -124,29 +121,38 @@ def main(argv=None) -> int:
     if args.lesion:
         classes = ["tumor", "edema", "cavity", "whole-tumor"]
         dices = {v: {c: [] for c in classes} for v in VARIANTS}
-        lost, removed, pred_wt, n_cut = [], [], [], 0
+        constrained = [v for v in VARIANTS if "+" in v and v.startswith("fitted")]
+        lost = {v: [] for v in constrained}
+        removed = {v: 0.0 for v in constrained}
+        pred_wt = 0.0
+        appearance = LIKE_SHIPPED_TRAINING if args.appearance == "like-shipped" else {"healthy_fraction": 0.0}
         for i in range(args.lesion):
-            case = generate_case(args.seed + 1, i, max_voxels=args.max_voxels, **LIKE_SHIPPED_TRAINING)
+            case = generate_case(args.seed + 1, i, max_voxels=args.max_voxels, **appearance)
             t2, t1 = volume(case.t2, f"{case.subject} T2w"), volume(case.t1, f"{case.subject} T1w")
             truth = truth_of(case)
             labs = run_case(cascades[False], t2, t1)
-            for v in dices:
+            variants = [v for v in VARIANTS if v in labs]
+            for v in variants:
                 for c in classes:
                     want = truth > 0 if c == "whole-tumor" else truth == LABELS[c]
                     got = labs[v] > 0 if c == "whole-tumor" else labs[v] == LABELS[c]
                     if want.any() or got.any():
                         dices[v][c].append(dice(got, want))
-            gone = (labs["fitted"] > 0) & (labs["fitted+constraint"] == 0)
-            lost.append(int((gone & (truth > 0)).sum()))
-            removed.append(float(gone.sum()) * t2.voxel_volume_mm3 / 1000.0)
-            pred_wt.append(cm3(labs["fitted"], t2))
-            n_cut += int(lost[-1] > 0)
-        print(f"\nlesion phantoms (n={args.lesion}, {LIKE_SHIPPED_TRAINING}): Dice mean +- std")
-        print(f"  {'class':<14}" + "".join(f"{v:>22}" for v in VARIANTS))
+            pred_wt += cm3(labs["fitted"], t2)
+            for v in constrained:
+                if v in labs:
+                    gone = (labs["fitted"] > 0) & (labs[v] == 0)
+                    lost[v].append(int((gone & (truth > 0)).sum()))
+                    removed[v] += float(gone.sum()) * t2.voxel_volume_mm3 / 1000.0
+        print(f"\nlesion phantoms (n={args.lesion}, {appearance}): Dice mean +- std")
+        shown = [v for v in VARIANTS if dices[v]["whole-tumor"]]
+        print(f"  {'class':<14}" + "".join(f"{v:>22}" for v in shown))
         for c in classes:
-            print(f"  {c:<14}" + "".join(f"{np.mean(dices[v][c]):>13.3f} +- {np.std(dices[v][c]):.3f}" for v in VARIANTS))
-        print(f"  true lesion voxels removed by the constraint: total {sum(lost)}, subjects affected {n_cut}/{args.lesion}")
-        print(f"  predicted whole tumour removed: {sum(removed):.3f} cm3 of {sum(pred_wt):.3f} cm3")
+            print(f"  {c:<14}" + "".join(f"{np.mean(dices[v][c]):>13.3f} +- {np.std(dices[v][c]):.3f}" for v in shown))
+        for v in constrained:
+            if lost[v]:
+                print(f"  {v}: true lesion voxels removed {sum(lost[v])}, subjects affected {sum(n > 0 for n in lost[v])}/{args.lesion}; "
+                      f"predicted whole tumour removed {removed[v]:.3f} of {pred_wt:.3f} cm3")
 
     if not args.no_real and REALDATA.is_dir():
         print("\nreal healthy scans (../shared/realdata): whole tumour (cm3); the T2w also given as the T1w for the two-contrast model")

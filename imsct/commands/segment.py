@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not info.get("cord_found", True):
         print(f"imsct segment: warning: no spinal cord found on {t2}; the whole field was segmented"
-              + ("" if args.no_cord_constraint else " and the cord constraint not applied"), file=sys.stderr)
+              + ("" if args.no_cord_constraint or info.get("cord_constraint") else " and the cord constraint not applied"), file=sys.stderr)
     print(f"T2w {t2.resolve()}" + (f"\nT1w {t1.resolve()}" if t1 is not None else " (T2w-only model)"))
     reg = info.get("t1_registration")
     if reg:

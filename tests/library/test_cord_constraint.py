@@ -66,6 +66,8 @@ def test_cascade_removes_lesions_outside_the_cord_before_the_volume_thresholds()
     conf = json.loads((BUNDLE / "configs" / "inference.json").read_text())
     assert conf["cord_constraint"] is True and conf["cascade"]["cord_constraint"] == "@cord_constraint"
     assert conf["cord_margin_mm"] == CORD_MARGIN_MM
+    assert conf["tight_cord_margin_mm"] == Cascade(None, None).tight_cord_margin_mm
+    assert conf["cascade"]["tight_cord_margin_mm"] == "@tight_cord_margin_mm"
 
 
 def test_cascade_call_applies_the_constraint_with_a_given_cord():
@@ -91,3 +93,59 @@ def test_cascade_call_applies_the_constraint_with_a_given_cord():
         res = c(t2, None, cord=cord)
         assert (res.labelmap == 1).any() and int((res.labelmap == 2).sum()) == edema
         assert res.cord_constraint is constraint
+
+
+def test_cascade_call_uses_the_anatomy_networks_tight_cord(caplog):
+    """With the anatomy network and no given cord, the region is its tight cord dilated by
+    TIGHT_CORD_MARGIN_MM (2 mm): a lesion that touches the cord is kept whole, one 6 mm in front of
+    it (inside the 30 mm stage-1 cylinder, where the medulla and the thecal sac lie) is removed; a
+    given cord still takes precedence."""
+    import torch
+
+    from imsct.cascade import TIGHT_CORD_MARGIN_MM
+
+    shape = (60, 60, 20)
+    lesion = np.zeros((4, *shape), np.float32)
+    lesion[0, 10:25, 28:40, 8:12] = 1  # tumour in the cord, widening it forward
+    lesion[1, 40:55, 40:46, 8:12] = 1  # "edema" 6 mm in front of the cord (AP 34 -> 40), 0.72 cm3
+    lesion[3] = lesion[:3].max(0)
+    tight = np.zeros(shape, np.float32)
+    tight[:, 26:34, 8:12] = 1
+
+    def fixed(target):
+        logits = torch.from_numpy(np.where(target > 0.5, 8.0, -8.0).astype(np.float32))
+
+        class Fixed(torch.nn.Module):
+            accepts_validity = False
+
+            def forward(self, x):
+                return logits[None].expand(x.shape[0], -1, -1, -1, -1)[..., : x.shape[2], : x.shape[3], : x.shape[4]]
+
+        return Fixed()
+
+    working = np.array([[0, 0, 2.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    t2 = Volume(np.random.default_rng(0).uniform(1, 2, shape).astype(np.float32), working, "t2")
+    c = Cascade(None, fixed(lesion), t2_only=True, anatomy=fixed(np.stack([tight, np.zeros(shape, np.float32)])))
+    c.inferer = type("I", (), {"roi_size": shape, "with_progress": lambda self: self, "__call__": lambda self, x, net: net(x)})()
+    assert c.tight_cord_margin_mm == TIGHT_CORD_MARGIN_MM == 2.0
+    res = c(t2, None)
+    assert res.cord_constraint and res.cord_constraint_region == "tight cord"
+    assert int((res.labelmap == 1).sum()) == 15 * 12 * 4 and not (res.labelmap == 2).any()
+    assert res.anatomy is not None and res.anatomy.cord.sum() == 60 * 8 * 4
+    # a wider margin reaches the edema; a given cord replaces the tight cord (its 5 mm margin: not reached either)
+    c.tight_cord_margin_mm = 7.0
+    assert int((c(t2, None).labelmap == 2).sum()) == 15 * 6 * 4
+    c.tight_cord_margin_mm = TIGHT_CORD_MARGIN_MM
+    given = c(t2, None, cord=tight.astype(np.uint8))
+    assert given.cord_constraint_region == "given cord" and not (given.labelmap == 2).any()
+    # the constraint off: everything kept
+    c.cord_constraint = False
+    off = c(t2, None)
+    assert not off.cord_constraint and off.cord_constraint_region is None and int((off.labelmap == 2).sum()) == 15 * 6 * 4
+    # the constraint on, but the anatomy network finds no cord (and no localiser): kept, and said so
+    c.cord_constraint = True
+    c.anatomy = fixed(np.zeros((2, *shape), np.float32))
+    with caplog.at_level("WARNING", logger="imsct.cascade"):
+        none = c(t2, None)
+    assert none.cord_constraint_region is None and int((none.labelmap == 2).sum()) == 15 * 6 * 4
+    assert "no cord found by the anatomy network; lesions kept without the cord constraint" in caplog.text
