@@ -69,3 +69,25 @@ def test_training_config_builds_the_same_networks_and_validates_like_inference()
     lib = Cascade.from_models().inferer
     val = p.get_parsed_content("validate#inferer#inferer")
     assert val.overlap == lib.overlap and val.mode == lib.mode
+
+
+def test_validation_can_count_healthy_subjects():
+    """val_ignore_empty False: a class absent from the truth scores 1 when nothing is predicted and 0
+    for any false positive, so the checkpoint kept as best.pt is judged on healthy subjects too; the
+    default (True) leaves such classes out, as MONAI's MeanDice does."""
+    import torch
+
+    truth = torch.zeros(2, 4, 8, 8, 8)
+    truth[0, :, 2:5, 2:5, 2:5] = 1  # subject 0 has a lesion (every class channel), subject 1 none
+    pred = truth.clone()
+    pred[1, 1, 0, 0, 0] = 1  # one false-positive voxel of edema on the healthy subject
+    scores = {}
+    for ignore in (True, False):
+        p = parsed("train.json")
+        p["val_ignore_empty"] = ignore
+        handler = p.get_parsed_content("validate#key_metric#val_mean_dice")
+        handler.metric_fn(y_pred=pred, y=truth)
+        scores[ignore] = float(handler.metric_fn.aggregate())
+    assert parsed("train.json")["val_ignore_empty"] is True
+    assert scores[True] == pytest.approx(1.0)  # the healthy subject left out
+    assert scores[False] == pytest.approx((4 + 3) / 8)  # its edema channel 0, its three silent channels 1
