@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .geometry import WORKING_SPACING, covering_box, crop_or_pad, field_overlap, fields_intersect, resample, resample_image, shifted, to_working, working_grid
+from .geometry import WORKING_SPACING, box_slices, covering_box, crop_or_pad, field_overlap, fields_intersect, resample, resample_image, shifted, to_working, working_grid
 from .io import InputError, Volume, nearest_voxel, world
 from .labels import LABELS, MIN_VOLUME_CM3
 from .postprocess import keep_touching, labelmap_from_probabilities, largest_component, postprocess_labelmap
@@ -107,7 +107,7 @@ def cord_region(cord: np.ndarray, spacing, margin_mm: float = CORD_MARGIN_MM) ->
     idx = np.argwhere(cord)
     pad = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int) + 1
     lo, hi = np.maximum(idx.min(0) - pad, 0), np.minimum(idx.max(0) + 1 + pad, cord.shape)
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sl = box_slices(lo, hi)
     out = np.zeros(cord.shape, bool)
     out[sl] = ndimage.distance_transform_edt(~cord[sl], sampling=spacing) <= margin_mm
     return out
@@ -326,7 +326,7 @@ class Cascade:
         out = np.zeros(t2w.shape, np.uint8)
         lo = np.maximum(offset, 0)
         hi = np.minimum(offset + np.asarray(mask.shape), t2w.shape)
-        out[tuple(slice(a, b) for a, b in zip(lo, hi))] = mask[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))]
+        out[box_slices(lo, hi)] = mask[box_slices(lo - offset, hi - offset)]
         return out
 
     def box_of(self, cord: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -359,7 +359,7 @@ class Cascade:
 
     def _stage2_input(self, t2w: np.ndarray, w_aff: np.ndarray, box, t1: Volume | None) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = box
-        t2_crop = t2w[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+        t2_crop = t2w[box_slices(lo, hi)]
         if self.t2_only:
             return np.stack([t2_crop, np.zeros_like(t2_crop)]), np.ones(t2_crop.shape, np.float32)
         box_shape, box_aff = t2_crop.shape, shifted(w_aff, lo)
@@ -380,10 +380,9 @@ class Cascade:
     def tight_cord(self, t2w_crop: np.ndarray, box, w: Working) -> tuple[np.ndarray, np.ndarray]:
         """The anatomy network on stage 2's box (T2w only, the same windows): the tight cord on the
         working grid (the largest component above the threshold) and the network's box probabilities."""
-        lo, hi = (np.asarray(v) for v in box)
         probs = self.segment_crop(t2w_crop[None], network=self.anatomy)
         cord_w = np.zeros(w.shape, np.uint8)
-        cord_w[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] = largest_component(probs[0] > self.threshold)
+        cord_w[box_slices(*box)] = largest_component(probs[0] > self.threshold)
         return cord_w, probs
 
     def find_anatomy(self, t2w_crop: np.ndarray, box, w: Working, t2: Volume,
@@ -399,7 +398,7 @@ class Cascade:
 
         lo, hi = (np.asarray(v) for v in box)
         cord_w, probs = self.tight_cord(t2w_crop, box, w) if tight is None else tight
-        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        sl = box_slices(lo, hi)
         disc_w = np.zeros(w.shape, np.float32)
         disc_w[sl] = probs[1]
         levels = find_levels(cord_w, disc_w, w.affine, disc_label, self.threshold, region=(lo, hi))
@@ -408,7 +407,7 @@ class Cascade:
         levels_native = np.zeros(t2.shape[:3], np.uint8)
         n_lo, n_hi = covering_box(lo, hi, w.affine, t2.shape, t2.affine)
         if (n_hi > n_lo).all() and cord_w.any():
-            n_sl = tuple(slice(int(a), int(b)) for a, b in zip(n_lo, n_hi))
+            n_sl = box_slices(n_lo, n_hi)
             sub_shape, sub_aff = tuple(int(b - a) for a, b in zip(n_lo, n_hi)), shifted(t2.affine, n_lo)
             p = resample(probs[:1], shifted(w.affine, lo), sub_shape, sub_aff).numpy()[0]
             cord_sub = largest_component(p > self.threshold)
@@ -451,9 +450,9 @@ class Cascade:
         labelmap = np.zeros(t2.shape[:3], np.uint8)
         probs = np.zeros((probs_crop.shape[0], *t2.shape[:3]), np.float32) if keep_probabilities else None
         if (r_hi > r_lo).all():
-            region = probs_crop[(slice(None), *[slice(a, b) for a, b in zip(r_lo, r_hi)])]
+            region = probs_crop[(slice(None), *box_slices(r_lo, r_hi))]
             n_lo, n_hi = covering_box(lo + r_lo, lo + r_hi, w_aff, t2.shape, t2.affine)
-            n_sl = tuple(slice(a, b) for a, b in zip(n_lo, n_hi))
+            n_sl = box_slices(n_lo, n_hi)
             sub_shape = tuple(int(b - a) for a, b in zip(n_lo, n_hi))
             probs_sub = resample(region, shifted(w_aff, lo + r_lo), sub_shape, shifted(t2.affine, n_lo)).numpy()
             # trilinear weights sum to 1 only up to float rounding: keep probabilities within [0, 1]
@@ -584,10 +583,9 @@ class Cascade:
             elif cord_w.any():
                 region_cord, region = cord_w, "given cord" if given is not None else "stage-1 region"
             else:
-                found_by = "stage 1" if self.localiser is not None else ""
-                found_by = " or ".join(x for x in (found_by, "the anatomy network" if tight is not None else "") if x)
-                log.warning("%s: no cord found%s; lesions kept without the cord constraint", t2.path,
-                            f" by {found_by}" if found_by else " (no localiser)")
+                ran = [name for name, net in (("stage 1", self.localiser), ("the anatomy network", self.anatomy)) if net is not None]
+                log.warning("%s: no cord found %s; lesions kept without the cord constraint", t2.path,
+                            "by " + " or ".join(ran) if ran else "(no localiser)")
 
         stage("postprocess")
         t0 = time.perf_counter()
@@ -621,7 +619,7 @@ class Cascade:
         """Which part of the cord region (the stage-1 mask in the box, else the box) lies outside the
         T1w's field: its share and its world superior-inferior range (mm)."""
         lo, hi = (np.asarray(v) for v in box)
-        region = cord_w[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] > 0
+        region = cord_w[box_slices(lo, hi)] > 0
         if not region.any():
             region = np.ones(inside.shape, bool)
         out = region & ~inside

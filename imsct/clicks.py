@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .geometry import box_slices
 from .io import InputError
 from .labels import LABELS
 from .postprocess import labelmap_from_probabilities
@@ -138,7 +139,7 @@ def click_maps(points: Points, shape, spacing, origin=(0, 0, 0), sigma_mm: float
             d2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
             g = np.exp(-d2 / (2 * sigma_mm**2)).astype(np.float32)
             g[d2 > (CUTOFF_SIGMAS * sigma_mm) ** 2] = 0.0
-            sl = (c, *[slice(int(a), int(b)) for a, b in zip(lo, hi)])
+            sl = (c, *box_slices(lo, hi))
             np.maximum(out[sl], g, out=out[sl])
     return out
 
@@ -190,7 +191,7 @@ def correct(net: torch.nn.Module, image: np.ndarray, probs: np.ndarray, points: 
     the click maps. Returns the new probabilities and the box. A box larger than :data:`CROP_SIZE`
     (clicks far apart) is predicted by ``inferer`` (stage 2's sliding window by default)."""
     lo, hi = click_box(points, image.shape[-3:], size)
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sl = box_slices(lo, hi)
     maps = click_maps(points, hi - lo, spacing, origin=lo)
     crop = image[(slice(None), *sl)]
     if np.prod(hi - lo) <= np.prod(size):
@@ -309,7 +310,7 @@ def lesion_region(image: np.ndarray, truth: np.ndarray, margin=LESION_MARGIN, si
         return image, truth
     m = np.asarray(margin)
     lo, hi = click_box({"lesion": np.stack([idx.min(0) - m, idx.max(0) + m])}, truth.shape, size)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    box = box_slices(lo, hi)
     return np.ascontiguousarray(image[(slice(None), *box)]), np.ascontiguousarray(truth[box])
 
 

@@ -127,6 +127,11 @@ def covering_box(
     return out_lo, out_hi
 
 
+def box_slices(lo, hi) -> tuple[slice, ...]:
+    """The index of the box ``[lo, hi)`` (voxel corners, one per axis): ``array[box_slices(lo, hi)]``."""
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def shifted(affine: np.ndarray, lo) -> np.ndarray:
     """Affine of the sub-grid whose first voxel is index ``lo`` of the grid of ``affine``."""
     t = np.eye(4)
@@ -180,7 +185,5 @@ def crop_or_pad(array: np.ndarray, size: tuple[int, ...], value: float = 0.0) ->
     src_hi = np.minimum(offset + np.asarray(size), spatial)
     dst_lo = src_lo - offset
     dst_hi = src_hi - offset
-    out[(..., *[slice(a, b) for a, b in zip(dst_lo, dst_hi)])] = array[
-        (..., *[slice(a, b) for a, b in zip(src_lo, src_hi)])
-    ]
+    out[(..., *box_slices(dst_lo, dst_hi))] = array[(..., *box_slices(src_lo, src_hi))]
     return out, offset

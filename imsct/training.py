@@ -17,7 +17,7 @@ import torch
 from .bids import Case, find_cases
 from .cascade import ROI_SIZE, STAGE1_FIELD, cord_box, stage1_input
 from .precision import use_bf16
-from .geometry import WORKING_SPACING, crop_or_pad, resample_image, to_working, working_grid
+from .geometry import WORKING_SPACING, box_slices, crop_or_pad, resample_image, to_working, working_grid
 from .io import Volume, load_image, load_volume, replace_atomically
 from .labels import ANATOMY_CHANNELS, CORD_BOX_SUFFIX, CORD_SUFFIX, DISCS_SUFFIX, LABELS, SEG_SUFFIXES
 
@@ -134,7 +134,7 @@ def stage2_region(d, crop_to_cord: bool = True, whole_length: bool = False) -> t
     if whole_length:
         lo, hi = np.array(lo), np.array(hi)
         lo[0], hi[0] = 0, d["t2"].shape[0]
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return box_slices(lo, hi)
 
 
 def stage2_sample(npz: Path, rng: np.random.Generator, patch=ROI_SIZE, p_lesion: float = 0.67, crop_to_cord: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     if args.lesion:
         classes = ["tumor", "edema", "cavity", "whole-tumor"]
         dices = {v: {c: [] for c in classes} for v in VARIANTS}
-        constrained = [v for v in VARIANTS if "+" in v and v.startswith("fitted")]
+        constrained = [v for v in VARIANTS if v != "fitted"]
         lost = {v: [] for v in constrained}
         removed = {v: 0.0 for v in constrained}
         pred_wt = 0.0

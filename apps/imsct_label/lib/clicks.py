@@ -31,6 +31,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from imsct import weights
 from imsct.clicks import CLICK_CLASSES, CROP_SIZE, check_inside, click_box, correct, count, parse_points, predict_large, to_working_points
+from imsct.geometry import box_slices
 from imsct.io import InputError
 
 from .infer import _IMSCTInfer, bad_input
@@ -142,7 +143,7 @@ class ClickInfer(_IMSCTInfer):
             c_lo, c_hi = click_box(pts, w.shape)
             r_lo, r_hi = np.minimum(lo, c_lo), np.maximum(hi, c_hi)  # the box and the clicks' crop
             probs = np.zeros((base.shape[0], *(r_hi - r_lo)), np.float32)
-            probs[(slice(None), *[slice(int(a), int(b)) for a, b in zip(lo - r_lo, hi - r_lo)])] = base
+            probs[(slice(None), *box_slices(lo - r_lo, hi - r_lo))] = base
             image, _ = cascade.stage2_input(w.data, w.affine, (r_lo, r_hi), t1)
             with cascade._autocast():
                 probs, _ = correct(net, image, probs, {k: v - r_lo for k, v in pts.items()}, cascade.spacing,
